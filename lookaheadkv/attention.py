@@ -1,0 +1,147 @@
+"""Our attention function: transformers' SDPA plus two optional duties during our own forward calls.
+
+1. Record the attention that chosen query rows pay to the keys (the "glimpse"), computed only for those
+   rows, in fp32, per query head, with GQA handled by grouping (no repeat_kv copies). Nothing ever
+   materialises prompt x prompt attention: all-rows recording (H2O) runs in chunks of rows.
+2. Apply a per-layer key-validity mask. After per-layer eviction (PyramidKV) of a left-padded batch the
+   layers hold different numbers of entries, so one mask built by transformers cannot fit all of them.
+
+It is registered under the name "lookaheadkv" through transformers' public attention and mask registries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+NAME = "lookaheadkv"
+ROW_CHUNK = 256  # query rows scored at once when recording every row
+
+
+@dataclass
+class Recording:
+    """Sum over recorded query rows of softmax(q k^T) restricted to the first `columns` keys.
+
+    rows: how many of each forward's last query rows to record (-1: all of them).
+    columns: how many leading keys (the prompt) to keep in the sums; None keeps all keys.
+    """
+
+    rows: int
+    columns: int | None = None
+    grad: bool = False  # keep the graph (training the lookahead module); otherwise scores are detached
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, Hq, columns] fp32
+    count: dict[int, int] = field(default_factory=dict)
+
+    def add(self, layer: int, probs_sum: torch.Tensor, n_rows: int) -> None:
+        if self.columns is not None:
+            probs_sum = probs_sum[..., : self.columns]
+        if layer in self.sums:
+            self.sums[layer] = self.sums[layer] + probs_sum
+            self.count[layer] += n_rows
+        else:
+            self.sums[layer] = probs_sum
+            self.count[layer] = n_rows
+
+    def merge(self, other: Recording) -> Recording:
+        """Pool the rows of two recordings (e.g. a prompt window and draft rows)."""
+        for layer in other.sums:
+            self.add(layer, other.sums[layer], other.count[layer])
+        return self
+
+    def mean(self) -> list[torch.Tensor]:
+        """Per layer [B, Hq, columns]: the mean attention of the recorded rows."""
+        return [self.sums[i] / self.count[i] for i in sorted(self.sums)]
+
+
+@dataclass
+class ForwardState:
+    record: Recording | None = None
+    key_valid: list[torch.Tensor] | None = None  # per layer [B, T_stored] bool; None: no padding anywhere
+
+
+_STATE: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar("lookaheadkv_state", default=None)
+
+
+@contextlib.contextmanager
+def forward_state(record: Recording | None = None, key_valid: list[torch.Tensor] | None = None) -> Iterator[None]:
+    token = _STATE.set(ForwardState(record, key_valid))
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
+
+
+def storage_mask(key_valid: torch.Tensor | None, n_rows: int, n_keys: int, first_row: int | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """[B or 1, 1, n_rows, n_keys] bool: causal in storage order, minus invalid (pad) keys.
+
+    Row r sits at storage index `first_row + r` (default: the last n_rows keys). Each row may also
+    see itself, so a pad row never has an empty softmax (its output is never used).
+    """
+    first = n_keys - n_rows if first_row is None else first_row
+    device = key_valid.device if key_valid is not None else device
+    row_idx = torch.arange(first, first + n_rows, device=device)[:, None]
+    key_idx = torch.arange(n_keys, device=device)[None, :]
+    mask = (key_idx <= row_idx)[None, None]
+    if key_valid is not None:
+        valid = key_valid
+        if valid.shape[-1] < n_keys:  # keys appended after the mask was made are real tokens
+            valid = torch.cat([valid, valid.new_ones(valid.shape[0], n_keys - valid.shape[-1])], dim=-1)
+        mask = (mask & valid[:, None, None, :]) | (key_idx == row_idx)[None, None]
+    return mask
+
+
+def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_row: int,
+                  key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Sum over rows of softmax attention, [B, Hq, Tk] fp32, for query rows [B, Hq, R, D] at storage
+    index first_row.. over keys [B, Hkv, Tk, D]; query heads are grouped onto their KV head."""
+    b, hq, r, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    q = query.float().view(b, hkv, hq // hkv, r, d)
+    logits = torch.einsum("bhgrd,bhkd->bhgrk", q, key.float()) * scaling
+    mask = storage_mask(key_valid, r, tk, first_row, device=query.device)  # [B|1, 1, R, Tk]
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    return logits.softmax(dim=-1).sum(dim=3).reshape(b, hq, tk)
+
+
+def _record(rec: Recording, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+            scaling: float, key_valid: torch.Tensor | None) -> None:
+    n_q, n_k = query.shape[2], key.shape[2]
+    rows = n_q if rec.rows < 0 else min(rec.rows, n_q)
+    start = n_q - rows
+    total = None
+    for s in range(start, n_q, ROW_CHUNK):
+        e = min(s + ROW_CHUNK, n_q)
+        part = row_attention(query[:, :, s:e], key, scaling, n_k - n_q + s, key_valid)
+        total = part if total is None else total + part
+    rec.add(module.layer_idx, total, rows)
+
+
+def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    state = _STATE.get()
+    if state is not None:
+        scaling = module.scaling if scaling is None else scaling
+        valid = None if state.key_valid is None else state.key_valid[module.layer_idx]
+        if valid is not None:
+            attention_mask = storage_mask(valid, query.shape[2], key.shape[2])
+        if state.record is not None:
+            with torch.set_grad_enabled(state.record.grad and torch.is_grad_enabled()):
+                _record(state.record, module, query, key, scaling, valid)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(NAME, lookaheadkv_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def install(model):
+    """Switch a loaded transformers model to our attention function (same math as SDPA)."""
+    model.set_attn_implementation(NAME)
+    return model

@@ -1,0 +1,172 @@
+"""The public entry points: evict a prompt's cache with a method, and generate an answer.
+
+The pipeline, in order: prefill -> glimpse -> score -> select -> compact -> decode.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import cache as kvcache
+from . import scoring
+from .decode import Sampling, decode
+from .errors import LookaheadKVError
+from .methods import Method, get_method
+from .prefill import Prefill, prefill
+
+
+@dataclass
+class Eviction:
+    """What eviction did to one prefilled cache."""
+
+    method: str
+    budget: int  # requested entries per layer and KV head (mean over layers)
+    prompt_tokens: int
+    kept_per_layer: list[int]
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    key_valid: list[torch.Tensor] | None = field(repr=False, default=None)
+    kept: list[torch.Tensor | None] = field(repr=False, default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def kept_tokens(self) -> float:
+        return sum(self.kept_per_layer) / len(self.kept_per_layer)
+
+
+def resolve_budget(budget: int | float, length: int) -> int:
+    """Budget in tokens, or as a ratio of the prompt when 0 < budget < 1."""
+    if isinstance(budget, float) and 0 < budget < 1:
+        return max(1, int(budget * length))
+    if budget != int(budget) or budget <= 0:
+        raise LookaheadKVError(f"budget must be a positive number of tokens or a ratio in (0, 1), got {budget}")
+    return int(budget)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evict(model, pf: Prefill, method: Method, budget: int | float) -> Eviction:
+    """glimpse -> score -> select -> compact, in place on pf.cache."""
+    t0 = time.perf_counter()
+    n_layers = model.config.num_hidden_layers
+    full = kvcache.kv_bytes(pf.cache)
+    b = resolve_budget(budget, pf.length) if method.evicts else pf.length
+    if method.evicts and b < method.floor():
+        raise LookaheadKVError(
+            f"budget {b} is below what {method.name} always keeps ({method.floor()}: window {method.window}, "
+            f"sinks {method.sinks}); raise the budget or lower --window"
+        )
+    kept: list[torch.Tensor | None] = [None] * n_layers
+    if method.evicts and b <= pf.length:
+        scores = method.scores(model, pf)
+        budgets = scoring.layer_budgets(b, n_layers, pf.length, method.policy, method.floor())
+        kept = scoring.select(scores, budgets, pf.valid, method.forced(pf))
+        kvcache.compact(pf.cache, kept)
+    key_valid = kvcache.compact_valid(pf.valid, kept) if pf.padded else None
+    _sync(pf.valid.device)
+    return Eviction(method.name, min(b, pf.length), pf.length, kvcache.kv_lengths(pf.cache), full,
+                    kvcache.kv_bytes(pf.cache), key_valid, kept, time.perf_counter() - t0)
+
+
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 method: str | Method = "full", budget: int | float = 128, sampling: Sampling | None = None,
+                 eos_ids: set[int] | None = None, **options) -> tuple[list[list[int]], Eviction, dict[str, float]]:
+    """Token-level pipeline on a (left-padded) batch: returns new tokens per sequence, the eviction
+    record and the seconds spent in prefill, eviction and decode."""
+    m = get_method(method, **options)
+    sampling = sampling or Sampling()
+    if eos_ids is None:
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    t0 = time.perf_counter()
+    pf = prefill(model, input_ids, attention_mask, record_rows=m.prefill_rows() if m.evicts else 0)
+    _sync(device)
+    t1 = time.perf_counter()
+    ev = evict(model, pf, m, budget)
+    t2 = time.perf_counter()
+    tokens = decode(model, pf, ev.key_valid, eos_ids, sampling)
+    _sync(device)
+    t3 = time.perf_counter()
+    return tokens, ev, {"prefill": t1 - t0, "eviction": t2 - t1, "decode": t3 - t2}
+
+
+@dataclass
+class Answer:
+    answer: str
+    model: str
+    method: str
+    budget: int
+    prompt_tokens: int
+    kept_tokens: float
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    new_tokens: int
+    timings_s: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_prompt(tokenizer, context: str, question: str) -> str:
+    """The chat-formatted prompt: the context, then the question (query-aware eviction)."""
+    if not context.strip():
+        raise LookaheadKVError("the context is empty; give a document to answer questions about")
+    if not question.strip():
+        raise LookaheadKVError("the question is empty")
+    user = f"{context.strip()}\n\nAnswer the question using the text above.\nQuestion: {question.strip()}"
+    messages = [{"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return user + "\nAnswer:"
+
+
+def tokenize(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = int(enc["attention_mask"].sum(dim=1).max())
+    if limit is not None and longest + max_new_tokens > limit:
+        raise LookaheadKVError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit}; "
+            "shorten the context or lower --max-new-tokens"
+        )
+    return enc
+
+
+def generate(model, tokenizer, context: str | list[str], question: str | list[str], method: str | Method = "full",
+             budget: int | float = 128, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, **options) -> Answer | list[Answer]:
+    """Answer `question` about `context` with the prompt's KV cache evicted to `budget` by `method`.
+
+    Lists of contexts and questions run as one left-padded batch and return a list of answers.
+    """
+    single = isinstance(context, str)
+    contexts = [context] if single else list(context)
+    questions = [question] * len(contexts) if isinstance(question, str) else list(question)
+    if len(questions) != len(contexts):
+        raise LookaheadKVError(f"{len(contexts)} contexts but {len(questions)} questions")
+    prompts = [build_prompt(tokenizer, c, q) for c, q in zip(contexts, questions)]
+    enc = tokenize(model, tokenizer, prompts, max_new_tokens)
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    eos = {tokenizer.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
+    tokens, ev, timings = generate_ids(model, enc["input_ids"], enc["attention_mask"], method, budget, sampling,
+                                       eos - {None}, **options)
+    answers = [
+        Answer(tokenizer.decode(t, skip_special_tokens=True).strip(), getattr(model, "name_or_path", ""), ev.method,
+               ev.budget, int(enc["attention_mask"][i].sum()), ev.kept_tokens, ev.kv_bytes_full, ev.kv_bytes_kept,
+               len(t), timings)
+        for i, t in enumerate(tokens)
+    ]
+    return answers[0] if single else answers
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]

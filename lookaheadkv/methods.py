@@ -1,0 +1,180 @@
+"""The eviction methods, a few lines each, in one registry.
+
+Attention-based methods differ only in where their query rows come from (`glimpse`); the shared scoring
+core (pooling, GQA reduction, top-k) does the rest. Position and key-norm rules override `scores`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from . import scoring
+from .errors import LookaheadKVError
+from .prefill import Prefill
+
+
+@dataclass
+class Method:
+    """Options shared by every method. `window` is both the observation window (rows whose attention
+    scores the prompt) and, with keep_window, the recent tokens always kept inside the budget."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    policy: ClassVar[str] = "uniform"  # budget across layers: uniform or pyramid
+    evicts: ClassVar[bool] = True
+
+    window: int = 32
+    keep_window: bool = True
+    sinks: int = 0
+    pooling: str = "max"
+    kernel: int = 7
+    gqa: str = "mean"
+
+    def prefill_rows(self) -> int:
+        """Prompt rows whose attention the prefill records: 0 none, -1 all, n the last n."""
+        return 0
+
+    def glimpse(self, model, pf: Prefill) -> list[torch.Tensor]:
+        """Per layer [B, Hq, L]: mean attention of this method's query rows onto the prompt."""
+        return pf.recording.mean()
+
+    def scores(self, model, pf: Prefill) -> list[torch.Tensor]:
+        """Per layer [B, Hkv, L]: higher is kept first."""
+        kv_heads = model.config.num_key_value_heads
+        return scoring.score(self.glimpse(model, pf), kv_heads, self.pooling, self.kernel, self.gqa)
+
+    def forced(self, pf: Prefill) -> torch.Tensor | None:
+        """[B, L] positions always kept: the last `window` and the first `sinks` real tokens."""
+        pos = torch.arange(pf.length, device=pf.valid.device)[None, :]
+        first = pf.length - pf.lengths[:, None]  # index of the first real token (left padding)
+        out = torch.zeros_like(pf.valid)
+        if self.keep_window and self.window > 0:
+            out |= pos >= pf.length - self.window
+        if self.sinks > 0:
+            out |= (pos >= first) & (pos < first + self.sinks)
+        return out & pf.valid if bool(out.any()) else None
+
+    def floor(self) -> int:
+        """Fewest entries a layer may keep."""
+        return max(self.window if self.keep_window else 0, self.sinks, 1)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+@register
+@dataclass
+class Full(Method):
+    name = "full"
+    summary = "no eviction: the full cache (upper bound)"
+    evicts = False
+
+
+@register
+@dataclass
+class StreamingLLM(Method):
+    name = "streamingllm"
+    summary = "keep the first `sinks` tokens and the most recent ones"
+    sinks: int = 4
+    keep_window: bool = False
+
+    def scores(self, model, pf):
+        pos = torch.arange(pf.length, device=pf.valid.device, dtype=torch.float32)
+        shape = (pf.valid.shape[0], model.config.num_key_value_heads, pf.length)
+        return [pos.expand(shape)] * model.config.num_hidden_layers
+
+
+@register
+@dataclass
+class SnapKV(Method):
+    name = "snapkv"
+    summary = "attention of the last `window` prompt tokens, max-pooled, top-k per KV head"
+
+    def prefill_rows(self):
+        return self.window
+
+
+@register
+@dataclass
+class PyramidKV(SnapKV):
+    name = "pyramidkv"
+    summary = "SnapKV scores, budgets shrinking from lower to upper layers (same total)"
+    policy = "pyramid"
+
+
+@register
+@dataclass
+class H2O(Method):
+    name = "h2o"
+    summary = "heavy hitters: attention accumulated over all prompt tokens (chunked), plus recent tokens"
+    pooling: str = "none"
+
+    def prefill_rows(self):
+        return -1
+
+
+@register
+@dataclass
+class TOVA(Method):
+    name = "tova"
+    summary = "attention of the last prompt token alone"
+    window: int = 1
+    pooling: str = "none"
+
+    def prefill_rows(self):
+        return 1
+
+
+@register
+@dataclass
+class KNorm(Method):
+    name = "knorm"
+    summary = "keep the keys with the smallest L2 norm"
+    keep_window: bool = False
+
+    def scores(self, model, pf):
+        return [-layer.keys.float().norm(dim=-1) for layer in pf.cache.layers]
+
+
+@register
+@dataclass
+class Random(Method):
+    name = "random"
+    summary = "uniformly random positions (seeded): a floor to compare against"
+    keep_window: bool = False
+    seed: int = 0
+
+    def scores(self, model, pf):
+        g = torch.Generator().manual_seed(self.seed)
+        shape = (model.config.num_hidden_layers, pf.valid.shape[0], model.config.num_key_value_heads, pf.length)
+        return list(torch.rand(shape, generator=g).to(pf.valid.device).unbind(0))
+
+
+def get_method(name: str | Method, **options) -> Method:
+    """A method instance by name, with options (unknown options and bad values are clear errors)."""
+    if isinstance(name, Method):
+        return name
+    if name not in METHODS:
+        raise LookaheadKVError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    cls = METHODS[name]
+    allowed = {f.name for f in fields(cls)}
+    options = {k: v for k, v in options.items() if v is not None}
+    bad = set(options) - allowed
+    if bad:
+        raise LookaheadKVError(f"method {name!r} has no option {', '.join(sorted(bad))}; it takes {', '.join(sorted(allowed))}")
+    m = cls(**options)
+    if m.pooling not in scoring.POOLINGS:
+        raise LookaheadKVError(f"unknown pooling {m.pooling!r}; choose one of {', '.join(scoring.POOLINGS)}")
+    if m.gqa not in scoring.GQA_REDUCTIONS:
+        raise LookaheadKVError(f"unknown GQA reduction {m.gqa!r}; choose one of {', '.join(scoring.GQA_REDUCTIONS)}")
+    if m.window < 0 or m.sinks < 0 or m.kernel < 1:
+        raise LookaheadKVError("window and sinks must be >= 0 and kernel >= 1")
+    return m

