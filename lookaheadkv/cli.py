@@ -1,0 +1,126 @@
+"""The `lookaheadkv` command line. Every failure the user can fix is one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import LookaheadKVError
+from .methods import METHODS
+from .models import DEFAULT_MODEL, MODELS
+
+
+class Group(click.Group):
+    """Turns LookaheadKVError into a one-line message instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LookaheadKVError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="lookaheadkv")
+def main() -> None:
+    """Evict a long prompt's KV cache to a small budget: LookaheadKV and its baselines."""
+
+
+def method_options(f):
+    """Options shared by every command that runs a method."""
+    for opt in reversed([
+        click.option("--method", default="snapkv", show_default=True, type=click.Choice(list(METHODS))),
+        click.option("--budget", default="128", show_default=True,
+                     help="entries kept per layer and KV head, or a ratio of the prompt in (0, 1)"),
+        click.option("--window", type=int, help="observation window / recent tokens kept (method default)"),
+        click.option("--keep-window/--no-keep-window", default=None, help="always keep the window (method default)"),
+        click.option("--sinks", type=int, help="first tokens always kept (method default)"),
+        click.option("--pooling", type=click.Choice(["none", "max", "avg"]), help="1-D pooling of scores"),
+        click.option("--kernel", type=int, help="pooling kernel size"),
+        click.option("--gqa", type=click.Choice(["mean", "max"]), help="reduce a GQA group's query heads by"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def parse_budget(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise LookaheadKVError(f"--budget must be a number, got {text!r}") from None
+    return value if 0 < value < 1 else int(value) if value == int(value) else value
+
+
+def method_kwargs(window, keep_window, sinks, pooling, kernel, gqa) -> dict:
+    return dict(window=window, keep_window=keep_window, sinks=sinks, pooling=pooling, kernel=kernel, gqa=gqa)
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="named model, local directory or Hub id")
+@method_options
+@click.option("--context-file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--question", required=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 decodes greedily")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def generate(model, method, budget, window, keep_window, sinks, pooling, kernel, gqa, context_file, question,
+             max_new_tokens, temperature, top_p, seed, device, as_json):
+    """Answer QUESTION about the text in --context-file with an evicted cache."""
+    from .generate import generate as run
+    from .models import load_model
+
+    if not context_file.exists():
+        raise LookaheadKVError(f"context file {context_file} does not exist")
+    context = context_file.read_text(encoding="utf-8", errors="replace")
+    m, tok = load_model(model, device=device)
+    ans = run(m, tok, context, question, method=method, budget=parse_budget(budget), max_new_tokens=max_new_tokens,
+              temperature=temperature, top_p=top_p, seed=seed,
+              **method_kwargs(window, keep_window, sinks, pooling, kernel, gqa))
+    if as_json:
+        click.echo(json.dumps(ans.to_dict()))
+        return
+    click.echo(ans.answer)
+    click.echo(f"[{ans.method}: kept {ans.kept_tokens:.0f} of {ans.prompt_tokens} prompt tokens, KV "
+               f"{ans.kv_bytes_kept / 2**20:.1f} of {ans.kv_bytes_full / 2**20:.1f} MiB; "
+               + ", ".join(f"{k} {v:.2f}s" for k, v in ans.timings_s.items()) + "]", err=True)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx):
+    """List the named models and whether they are cached."""
+    if ctx.invoked_subcommand is None:
+        from .models import is_cached, model_dir
+
+        for name, spec in MODELS.items():
+            state = f"cached at {model_dir(name)}" if is_cached(name) else "not fetched"
+            default = " (default)" if name == DEFAULT_MODEL else ""
+            click.echo(f"{name}{default}\n    {spec.description}\n    {state}")
+
+
+@models.command("fetch")
+@click.argument("name")
+def models_fetch(name):
+    """Download, verify (sha256) and convert NAME once."""
+    from .models import fetch
+
+    click.echo(fetch(name))
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--budget", default=128, show_default=True)
+@click.option("--methods", default=None, help="comma-separated (default: every method)")
+@click.option("--device", default="cpu", show_default=True)
+def demo(model, budget, methods, device):
+    """Questions about a long essay with a planted fact, under every method at a small budget."""
+    from .demo import run_demo
+
+    run_demo(model, budget, methods.split(",") if methods else None, device)
