@@ -6,6 +6,7 @@ padded prompt computes exactly what it would alone.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -51,6 +52,11 @@ class Prefill:
     @property
     def padded(self) -> bool:
         return not bool(self.valid.all())
+
+    def clone(self) -> Prefill:
+        """An independent copy (its own cache tensors), so one prefill can serve many methods and budgets."""
+        return Prefill(copy.deepcopy(self.cache), self.input_ids, self.valid, self.next_logits,
+                       copy.deepcopy(self.recording))
 
     def key_valid(self, n_layers: int) -> list[torch.Tensor] | None:
         return [self.valid] * n_layers if self.padded else None
