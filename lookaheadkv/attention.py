@@ -62,7 +62,7 @@ class Recording:
 
 @dataclass
 class ForwardState:
-    record: Recording | None = None
+    record: Recording | list[Recording] | None = None
     key_valid: list[torch.Tensor] | None = None  # per layer [B, T_stored] bool; None: no padding anywhere
 
 
@@ -70,7 +70,8 @@ _STATE: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar("lo
 
 
 @contextlib.contextmanager
-def forward_state(record: Recording | None = None, key_valid: list[torch.Tensor] | None = None) -> Iterator[None]:
+def forward_state(record: Recording | list[Recording] | None = None,
+                  key_valid: list[torch.Tensor] | None = None) -> Iterator[None]:
     token = _STATE.set(ForwardState(record, key_valid))
     try:
         yield
@@ -131,9 +132,10 @@ def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=Non
         valid = None if state.key_valid is None else state.key_valid[module.layer_idx]
         if valid is not None:
             attention_mask = storage_mask(valid, query.shape[2], key.shape[2])
-        if state.record is not None:
-            with torch.set_grad_enabled(state.record.grad and torch.is_grad_enabled()):
-                _record(state.record, module, query, key, scaling, valid)
+        records = state.record if isinstance(state.record, list) else [state.record] if state.record else []
+        for rec in records:
+            with torch.set_grad_enabled(rec.grad and torch.is_grad_enabled()):
+                _record(rec, module, query, key, scaling, valid)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

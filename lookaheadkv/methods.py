@@ -39,7 +39,7 @@ class Method:
 
     def glimpse(self, model, pf: Prefill) -> list[torch.Tensor]:
         """Per layer [B, Hq, L]: mean attention of this method's query rows onto the prompt."""
-        return pf.recording.mean()
+        return pf.recordings[self.prefill_rows()].mean()
 
     def scores(self, model, pf: Prefill) -> list[torch.Tensor]:
         """Per layer [B, Hkv, L]: higher is kept first."""
@@ -169,7 +169,9 @@ def get_method(name: str | Method, **options) -> Method:
     options = {k: v for k, v in options.items() if v is not None}
     bad = set(options) - allowed
     if bad:
-        raise LookaheadKVError(f"method {name!r} has no option {', '.join(sorted(bad))}; it takes {', '.join(sorted(allowed))}")
+        raise LookaheadKVError(
+            f"method {name!r} has no option {', '.join(sorted(bad))}; it takes {', '.join(sorted(allowed))}"
+        )
     m = cls(**options)
     if m.pooling not in scoring.POOLINGS:
         raise LookaheadKVError(f"unknown pooling {m.pooling!r}; choose one of {', '.join(scoring.POOLINGS)}")

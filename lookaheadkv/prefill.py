@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,14 @@ class Prefill:
     input_ids: torch.Tensor  # [B, L], left-padded
     valid: torch.Tensor  # [B, L] bool, False at pad positions
     next_logits: torch.Tensor  # [B, V] logits of the first answer token
-    recording: Recording | None
+    recordings: dict[int, Recording]  # rows recorded (-1: all) -> their attention onto the prompt
+
+    @property
+    def recording(self) -> Recording:
+        """The one recording, when the prefill made exactly one."""
+        if len(self.recordings) != 1:
+            raise ValueError(f"prefill holds {len(self.recordings)} recordings; index .recordings by rows")
+        return next(iter(self.recordings.values()))
 
     @property
     def length(self) -> int:
@@ -56,7 +64,7 @@ class Prefill:
     def clone(self) -> Prefill:
         """An independent copy (its own cache tensors), so one prefill can serve many methods and budgets."""
         return Prefill(copy.deepcopy(self.cache), self.input_ids, self.valid, self.next_logits,
-                       copy.deepcopy(self.recording))
+                       copy.deepcopy(self.recordings))
 
     def key_valid(self, n_layers: int) -> list[torch.Tensor] | None:
         return [self.valid] * n_layers if self.padded else None
@@ -67,17 +75,19 @@ def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, record_rows: int = 0
-            ) -> Prefill:
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            record_rows: int | Sequence[int] = 0) -> Prefill:
     """Run the prompt through the model into a fresh cache; record the last `record_rows` rows' attention
-    (-1: every row, in chunks), if any."""
+    (-1: every row, in chunks; 0: none). Several row counts can be recorded in one prefill, so one
+    prefill serves every method (see Prefill.clone)."""
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     cache = DynamicCache(config=model.config)
-    rec = Recording(rows=record_rows) if record_rows else None
+    wanted = [record_rows] if isinstance(record_rows, int) else list(record_rows)
+    recs = {r: Recording(rows=r) for r in dict.fromkeys(wanted) if r != 0}
     key_valid = [valid] * model.config.num_hidden_layers if not valid.all() else None
-    with forward_state(rec, key_valid):
+    with forward_state(list(recs.values()), key_valid):
         logits = forward(model, cache, positions_from_mask(valid), input_ids=input_ids)
-    return Prefill(cache, input_ids, valid, logits[:, -1].float(), rec)
+    return Prefill(cache, input_ids, valid, logits[:, -1].float(), recs)
 
 
 @torch.no_grad()
