@@ -94,6 +94,8 @@ def select(scores: list[torch.Tensor], budgets: list[int], valid: torch.Tensor, 
         s = s.float().masked_fill(~valid[:, None, :], float("-inf"))
         if forced is not None:
             s = s.masked_fill(forced[:, None, :], float("inf"))
-        idx = s.topk(k, dim=-1, sorted=False).indices
+        # A stable sort breaks ties (max-pooling makes many) by position, so the same prompt selects the
+        # same entries whether or not it sits in a left-padded batch.
+        idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         kept.append(idx.sort(dim=-1).values)
     return kept

@@ -1,0 +1,18 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lookaheadkv.attention import install
+
+
+def tiny_model(layers: int = 3, kv_heads: int = 2, heads: int = 4, vocab: int = 128, seed: int = 0):
+    """A random-weight Llama in float64 (no near-ties in greedy decoding), with our attention installed."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024)
+    return install(LlamaForCausalLM(cfg).double().eval())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
