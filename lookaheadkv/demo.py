@@ -20,8 +20,8 @@ from .prefill import prefill
 FACTS = [
     ("The access code for the archive room is 482913.",
      "What is the access code for the archive room?", "482913"),
-    ("The expedition ship was named the Silver Heron and it sailed from Lisbon.",
-     "What was the name of the expedition ship?", "Silver Heron"),
+    ("The password for the staff wifi network is BLUE-TIGER-42.",
+     "What is the password for the staff wifi network?", "BLUE-TIGER-42"),
 ]
 TARGET_CHARS = 12_000  # about 3,000 SmolLM2 tokens of essay text
 

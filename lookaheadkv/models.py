@@ -132,13 +132,17 @@ def default_dtype(device: str) -> torch.dtype:
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load (model, tokenizer) ready for eviction: our attention function, eval mode, on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = resolve(name_or_path)
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device))
     except OSError as e:
         raise LookaheadKVError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.enable_progress_bar()
     model = attention.install(model).to(device).eval()
     model.name_or_path = name_or_path
     if tok.pad_token_id is None:
