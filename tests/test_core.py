@@ -176,3 +176,25 @@ def test_budget_ratio(tiny):
     ids = torch.randint(3, 128, (1, 100))
     _, ev, _ = generate_ids(tiny, ids, None, "snapkv", budget=0.5, sampling=Sampling(2), eos_ids=set())
     assert ev.kept_per_layer == [50, 50, 50]
+
+
+def test_no_prompt_by_prompt_attention_is_materialised(tiny, monkeypatch):
+    """H2O scores every prompt row, but in chunks: no call ever sees more than ROW_CHUNK query rows."""
+    from lookaheadkv import attention
+
+    seen = []
+    original = attention.row_attention
+
+    def spy(query, key, *args):
+        seen.append((query.shape[2], key.shape[2]))
+        return original(query, key, *args)
+
+    monkeypatch.setattr(attention, "row_attention", spy)
+    monkeypatch.setattr(attention, "ROW_CHUNK", 16)
+    ids = torch.randint(3, 128, (1, 70))
+    chunked = prefill(tiny, ids, record_rows=-1).recordings[-1].mean()
+    assert max(rows for rows, _ in seen) == 16 and sum(rows for rows, _ in seen) == 70 * 3
+    monkeypatch.setattr(attention, "ROW_CHUNK", 1024)
+    whole = prefill(tiny, ids, record_rows=-1).recordings[-1].mean()
+    for a, b in zip(chunked, whole):
+        assert torch.allclose(a, b)
