@@ -77,6 +77,7 @@ def smollm2():
     return load_model("smollm2-135m-instruct")
 
 
+@pytest.mark.slow
 def test_real_model_every_method_reproduces_full_cache_at_full_budget(smollm2):
     from lookaheadkv import generate
     from lookaheadkv.demo import document
@@ -91,6 +92,7 @@ def test_real_model_every_method_reproduces_full_cache_at_full_budget(smollm2):
         assert ans.kv_bytes_kept == ans.kv_bytes_full
 
 
+@pytest.mark.slow
 def test_real_model_demo_case(smollm2):
     from lookaheadkv.demo import FACTS, run_demo
 
@@ -102,6 +104,7 @@ def test_real_model_demo_case(smollm2):
             assert r["kv_bytes_kept"] / r["kv_bytes_full"] < 0.10
 
 
+@pytest.mark.slow
 def test_real_model_cli_json(tmp_path):
     f = tmp_path / "doc.txt"
     f.write_text("The lighthouse keeper's name was Tomas Varga. " * 40)
@@ -117,12 +120,14 @@ def test_real_model_cli_json(tmp_path):
     assert obj["kept_tokens"] == 64 and obj["kv_bytes_kept"] / obj["kv_bytes_full"] == 64 / obj["prompt_tokens"]
 
 
+@pytest.mark.slow
 def test_real_model_context_too_long(tmp_path):
     f = tmp_path / "long.txt"
     f.write_text("word " * 9000)
     one_line_error(*run("generate", "--context-file", str(f), "--question", "q"), match="exceeds the model's context")
 
 
+@pytest.mark.slow
 def test_real_model_empty_question_and_budget_below_window(tmp_path):
     f = tmp_path / "doc.txt"
     f.write_text("Some document text. " * 30)
