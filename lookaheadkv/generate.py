@@ -5,7 +5,10 @@ The pipeline, in order: prefill -> glimpse -> score -> select -> compact -> deco
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,6 +34,7 @@ class Eviction:
     key_valid: list[torch.Tensor] | None = field(repr=False, default=None)
     kept: list[torch.Tensor | None] = field(repr=False, default_factory=list)
     seconds: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)  # seconds per part: the method's own, score, select, compact
 
     @property
     def kept_tokens(self) -> float:
@@ -51,8 +55,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_PARTS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("eviction_parts", default=None)
+
+
+@contextlib.contextmanager
+def timed(part: str) -> Iterator[None]:
+    """Time a method's own eviction work (draft generation, extra forward passes) as Eviction.parts[part];
+    evict() reports what remains of scoring as "score", then "select" and "compact"."""
+    parts = _PARTS.get()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if parts is not None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            parts[part] = parts.get(part, 0.0) + time.perf_counter() - t0
+
+
 def evict(model, pf: Prefill, method: Method, budget: int | float) -> Eviction:
     """glimpse -> score -> select -> compact, in place on pf.cache."""
+    parts: dict[str, float] = {}
+    token = _PARTS.set(parts)  # a fresh dict, so an eviction nested in a method's glimpse reports apart
+    try:
+        return _evict(model, pf, method, budget, parts)
+    finally:
+        _PARTS.reset(token)
+
+
+def _evict(model, pf: Prefill, method: Method, budget: int | float, parts: dict[str, float]) -> Eviction:
     t0 = time.perf_counter()
     n_layers = model.config.num_hidden_layers
     full = kvcache.kv_bytes(pf.cache)
@@ -64,21 +95,30 @@ def evict(model, pf: Prefill, method: Method, budget: int | float) -> Eviction:
         )
     kept: list[torch.Tensor | None] = [None] * n_layers
     if method.evicts and b <= pf.length:
+        t = time.perf_counter()
         scores = method.scores(model, pf)
+        _sync(pf.valid.device)
+        parts["score"] = time.perf_counter() - t - sum(parts.values())  # the method's own parts stand apart
+        t = time.perf_counter()
         budgets = scoring.layer_budgets(b, n_layers, pf.length, method.policy, method.floor())
         kept = scoring.select(scores, budgets, pf.valid, method.forced(pf))
+        _sync(pf.valid.device)
+        parts["select"] = time.perf_counter() - t
+        t = time.perf_counter()
         kvcache.compact(pf.cache, kept)
+        _sync(pf.valid.device)
+        parts["compact"] = time.perf_counter() - t
     key_valid = kvcache.compact_valid(pf.valid, kept) if pf.padded else None
     _sync(pf.valid.device)
     return Eviction(method.name, min(b, pf.length), pf.length, kvcache.kv_lengths(pf.cache), full,
-                    kvcache.kv_bytes(pf.cache), key_valid, kept, time.perf_counter() - t0)
+                    kvcache.kv_bytes(pf.cache), key_valid, kept, time.perf_counter() - t0, parts)
 
 
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  method: str | Method = "full", budget: int | float = 128, sampling: Sampling | None = None,
                  eos_ids: set[int] | None = None, **options) -> tuple[list[list[int]], Eviction, dict[str, float]]:
     """Token-level pipeline on a (left-padded) batch: returns new tokens per sequence, the eviction
-    record and the seconds spent in prefill, eviction and decode."""
+    record and the seconds spent in prefill, eviction (and its parts, "eviction.<part>") and decode."""
     m = get_method(method, **options)
     sampling = sampling or Sampling()
     if eos_ids is None:
@@ -88,7 +128,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     t0 = time.perf_counter()
-    pf = prefill(model, input_ids, attention_mask, record_rows=m.prefill_rows() if m.evicts else 0)
+    pf = prefill(model, input_ids, attention_mask, record_rows=m.prefill_rows() if m.evicts else 0,
+                 extra=m.prefill_extra(model) if m.evicts else None)
     _sync(device)
     t1 = time.perf_counter()
     ev = evict(model, pf, m, budget)
@@ -96,7 +137,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     tokens = decode(model, pf, ev.key_valid, eos_ids, sampling)
     _sync(device)
     t3 = time.perf_counter()
-    return tokens, ev, {"prefill": t1 - t0, "eviction": t2 - t1, "decode": t3 - t2}
+    parts = {f"eviction.{k}": v for k, v in ev.parts.items()}
+    return tokens, ev, {"prefill": t1 - t0, "eviction": t2 - t1, **parts, "decode": t3 - t2}
 
 
 @dataclass

@@ -1,0 +1,376 @@
+"""Importance recall of eviction methods on held-out prompts, and the held-out prompts themselves.
+
+For each sample the prompt is prefilled once (recording every row count the methods need); the model's own
+greedy full-cache response gives the true importance (importance.py); then every method x budget evicts a
+clone of that prefill and is scored by importance recall: the share of the true top-B prompt positions that
+it keeps, averaged over layers and KV heads. Optionally each evicted clone also decodes its answer, scored by
+token F1 against the full-cache answer.
+
+Held-out samples come only from the TEST split of data.py (never trained on): SQuAD questions with
+distractor paragraphs, HotpotQA questions (their own paragraphs plus others), and essays with a planted fact.
+
+    python -m lookaheadkv.recall --methods snapkv,laq:k=8 --budgets 32,64,128 --samples 40 --out results/x
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import string
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import data
+from .cache import crop
+from .decode import Sampling, decode
+from .errors import LookaheadKVError
+from .generate import build_prompt, evict
+from .importance import importance_recall, true_importance
+from .methods import Method, get_method
+from .prefill import prefill
+
+FAMILIES = ("squad", "hotpotqa", "essays")
+
+
+@dataclass
+class Sample:
+    id: str
+    family: str
+    context: str
+    question: str
+    answers: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out samples (test split only)
+
+_CODE_NAMES = ("Aurora", "Basalt", "Cobalt", "Dune", "Ember", "Fjord", "Granite", "Harbor", "Iris", "Juniper",
+               "Kestrel", "Lantern", "Meadow", "Nimbus", "Orchid", "Pylon", "Quartz", "Raven", "Summit", "Tundra")
+
+
+class _Counter:
+    """Token counts of text pieces, cached (paragraphs are reused across samples)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        if text not in self.cache:
+            self.cache[text] = len(self.tok(text, add_special_tokens=False)["input_ids"])
+        return self.cache[text]
+
+
+def _fill(gold: list[str], pool: list[str], target: int, count: _Counter, rng: random.Random) -> str:
+    """The gold paragraphs plus distractors drawn from `pool`, inserted at random places, up to ~target tokens
+    (a distractor that would overshoot is skipped; a few skips in a row end the search)."""
+    parts = list(gold)
+    total = sum(count(p) + 2 for p in parts)
+    skips = 0
+    for p in rng.sample(pool, len(pool)):
+        if total >= target or skips >= 20:
+            break
+        n = count(p) + 2
+        if p in parts or total + n > target:
+            skips += 1
+            continue
+        parts.insert(rng.randint(0, len(parts)), p)
+        total += n
+        skips = 0
+    return "\n\n".join(parts)
+
+
+def _squad(rng: random.Random, target: int, count: _Counter) -> Sample:
+    items = data.squad("test")
+    q = items[rng.randrange(len(items))]
+    pool = sorted({x["context"] for x in items if x["title"] != q["title"]})
+    return Sample(f"squad:{q['id']}", "squad", _fill([q["context"]], pool, target, count, rng), q["question"],
+                  q["answers"])
+
+
+def _hotpotqa(rng: random.Random, target: int, count: _Counter) -> Sample:
+    items = data.hotpotqa("test")
+    q = items[rng.randrange(len(items))]
+    gold = [f"{t}: {p}" for t, p in q["paragraphs"]]
+    others = [items[rng.randrange(len(items))] for _ in range(40)]
+    pool = sorted({f"{t}: {p}" for o in others if o["id"] != q["id"] for t, p in o["paragraphs"]})
+    return Sample(f"hotpotqa:{q['id']}", "hotpotqa", _fill(gold, pool, target, count, rng), q["question"],
+                  [q["answer"]])
+
+
+def _essay(rng: random.Random, target: int, count: _Counter) -> Sample:
+    """Test-split essays from a random one on, cut at a sentence near `target` tokens, a fact planted inside."""
+    essays = data.essays("test")
+    names = sorted(essays)
+    start = rng.randrange(len(names))
+    sentences: list[str] = []
+    total = 0
+    for name in names[start:] + names[:start]:
+        for sent in re.split(r"(?<=[.!?])\s+", " ".join(essays[name].split())):
+            if total >= target:
+                break
+            sentences.append(sent)
+            total += count(sent) + 1
+    name, code = rng.choice(_CODE_NAMES), f"{rng.randrange(10**5, 10**6)}"
+    fact = f"The secret access code of the {name} project is {code}."
+    sentences.insert(rng.randint(1, max(1, len(sentences) - 1)), fact)
+    return Sample(f"essays:{names[start]}:{name}:{code}", "essays", " ".join(sentences),
+                  f"What is the secret access code of the {name} project?", [code])
+
+
+_BUILDERS = {"squad": _squad, "hotpotqa": _hotpotqa, "essays": _essay}
+
+
+def heldout_samples(tokenizer, n: int, min_tokens: int = 1000, max_tokens: int = 3000,
+                    families: Sequence[str] = FAMILIES, seed: int = 0) -> list[Sample]:
+    """`n` held-out samples from the test split, cycling through `families`, each context ~min..max tokens
+    long (a length drawn uniformly per sample). Deterministic for a given seed."""
+    bad = set(families) - set(_BUILDERS)
+    if bad or not families:
+        raise LookaheadKVError(f"unknown sample families {sorted(bad)}; choose from {', '.join(FAMILIES)}")
+    if not 0 < min_tokens <= max_tokens:
+        raise LookaheadKVError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+    rng = random.Random(seed)
+    count = _Counter(tokenizer)
+    out = []
+    for i in range(n):
+        family = families[i % len(families)]
+        out.append(_BUILDERS[family](rng, rng.randint(min_tokens, max_tokens), count))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+def _normalize(text: str) -> list[str]:
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return text.split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style word F1 after lowercasing and dropping punctuation and articles (1.0 when both are empty)."""
+    p, r = _normalize(prediction), _normalize(reference)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% confidence interval."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    if n == 1:
+        return m, float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, 1.96 * sd / math.sqrt(n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runner
+
+def labelled(methods: Iterable[str | Method] | dict[str, str | Method]) -> dict[str, Method]:
+    """{label: Method}: a dict keeps its labels; names and instances are labelled by their name."""
+    items = methods.items() if isinstance(methods, dict) else ((m if isinstance(m, str) else m.name, m)
+                                                                for m in methods)
+    out: dict[str, Method] = {}
+    for label, m in items:
+        if label in out:
+            raise LookaheadKVError(f"method label {label!r} given twice; label them apart (a dict of label: method)")
+        out[label] = get_method(m)
+    return out
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return (ids | {tokenizer.eos_token_id}) - {None}
+
+
+@torch.no_grad()
+def run_recall(model, tokenizer, samples: Sequence[Sample], methods: Iterable[str | Method] | dict[str, str | Method],
+               budgets: Sequence[int], response_tokens: int = 96, answer_tokens: int = 0,
+               out: str | Path | None = None, progress: bool = True) -> list[dict]:
+    """Score every method x budget on every sample; returns (and appends to `out`, JSONL) one row per
+    sample ("kind": "sample": the full-cache response) and one per method x budget ("kind": "method":
+    recall, eviction seconds and parts, and with answer_tokens > 0 the answer and its F1 against the
+    full-cache answer of the same length)."""
+    ms = labelled(methods)
+    device = next(model.parameters()).device
+    n_kv = model.config.num_key_value_heads
+    rows_wanted = sorted({m.prefill_rows() for m in ms.values() if m.evicts} - {0})
+    eos = eos_ids(model, tokenizer)
+    sink = None
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        sink = open(out, "a", encoding="utf-8")
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if sink is not None:
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+
+    bar = tqdm(total=len(samples) * len(ms) * len(budgets), desc="recall", disable=not progress, unit="eviction")
+    try:
+        for s in samples:
+            prompt = build_prompt(tokenizer, s.context, s.question)
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            t0 = time.perf_counter()
+            pf = prefill(model, ids, record_rows=rows_wanted)
+            prefill_s = time.perf_counter() - t0
+            response = decode(model, pf, None, eos, Sampling(response_tokens))[0]
+            crop(pf.cache, pf.length)  # decoding appended the response; the prompt cache is as before
+            reference = tokenizer.decode(response, skip_special_tokens=True).strip()
+            emit({"kind": "sample", "sample": s.id, "family": s.family, "prompt_tokens": pf.length,
+                  "prefill_s": prefill_s, "response_tokens": len(response), "response": reference,
+                  "answers": s.answers})
+            if not response:  # no answer, no true importance: nothing to score against
+                bar.update(len(ms) * len(budgets))
+                continue
+            truth = true_importance(model, pf, torch.tensor([response], device=device))
+            ref_answer = tokenizer.decode(response[:answer_tokens], skip_special_tokens=True).strip()
+            for label, m in ms.items():
+                for b in budgets:
+                    c = pf.clone()
+                    ev = evict(model, c, m, b)
+                    row = {"kind": "method", "sample": s.id, "family": s.family, "method": label,
+                           "method_name": m.name, "budget": ev.budget, "prompt_tokens": pf.length,
+                           "response_tokens": len(response),
+                           "recall": importance_recall(truth, ev.kept, ev.budget, n_kv),
+                           "eviction_s": ev.seconds, "parts": dict(getattr(ev, "parts", {}) or {})}
+                    if answer_tokens > 0:
+                        ans = decode(model, c, ev.key_valid, eos, Sampling(answer_tokens))[0]
+                        row["answer"] = tokenizer.decode(ans, skip_special_tokens=True).strip()
+                        row["f1"] = token_f1(row["answer"], ref_answer)
+                    emit(row)
+                    del c
+                    bar.update(1)
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
+    return rows
+
+
+def summarize(rows: Iterable[dict], metric: str = "recall") -> str:
+    """A Markdown table: one line per method label, one column per budget, mean ± 95% CI of `metric`."""
+    cells: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    budgets: set[int] = set()
+    for r in rows:
+        if r.get("kind") == "method" and metric in r:
+            cells[r["method"]][r["budget"]].append(r[metric])
+            budgets.add(r["budget"])
+    order = sorted(budgets)
+    lines = [f"| {metric} (mean ± 95% CI) | " + " | ".join(f"B={b}" for b in order) + " | n |",
+             "|---|" + "---|" * (len(order) + 1)]
+    for label, per in cells.items():
+        vals = [mean_ci(per[b]) for b in order]
+        n = max(len(per[b]) for b in order)
+        lines.append(f"| {label} | " + " | ".join(f"{m:.3f} ± {ci:.3f}" for m, ci in vals) + f" | {n} |")
+    return "\n".join(lines)
+
+
+def timing_summary(rows: Iterable[dict]) -> str:
+    """Mean eviction seconds per method label and, where the method reports them, its parts."""
+    sec: dict[str, list[float]] = defaultdict(list)
+    parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("kind") == "method":
+            sec[r["method"]].append(r["eviction_s"])
+            for k, v in (r.get("parts") or {}).items():
+                parts[r["method"]][k].append(v)
+    lines = ["| method | eviction s (mean) | parts (mean s) |", "|---|---|---|"]
+    for label, v in sec.items():
+        p = ", ".join(f"{k} {sum(x) / len(x):.3f}" for k, x in parts[label].items())
+        lines.append(f"| {label} | {sum(v) / len(v):.3f} | {p} |")
+    return "\n".join(lines)
+
+
+def parse_methods(spec: str) -> dict[str, Method]:
+    """"snapkv,laq:k=8:draft_budget=128" -> {label: Method}; option values are ints, floats, true/false or text."""
+    out: dict[str, Method] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, *opts = item.split(":")
+        options = {}
+        for o in opts:
+            if "=" not in o:
+                raise LookaheadKVError(f"method option {o!r} in {item!r} is not key=value")
+            k, v = o.split("=", 1)
+            options[k] = _value(v)
+        out[item] = get_method(name, **options)
+    return out
+
+
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    from .models import DEFAULT_MODEL, load_model
+
+    ap = argparse.ArgumentParser(prog="python -m lookaheadkv.recall", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--methods", default="snapkv", help="comma-separated; options as name:key=value:key=value")
+    ap.add_argument("--budgets", default="32,64,128,256")
+    ap.add_argument("--samples", type=int, default=40)
+    ap.add_argument("--min-tokens", type=int, default=1000)
+    ap.add_argument("--max-tokens", type=int, default=2000)
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--response-tokens", type=int, default=96)
+    ap.add_argument("--answer-tokens", type=int, default=0, help="also decode answers and score F1 (0: off)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", required=True, help="output folder: rows.jsonl and summary.md")
+    a = ap.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model, device=a.device)
+    methods = parse_methods(a.methods)
+    samples = heldout_samples(tok, a.samples, a.min_tokens, a.max_tokens, a.families.split(","), a.seed)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.jsonl").unlink(missing_ok=True)
+    rows = run_recall(model, tok, samples, methods, [int(b) for b in a.budgets.split(",")], a.response_tokens,
+                      a.answer_tokens, out / "rows.jsonl")
+    report = [f"model {a.model}; {a.samples} held-out samples ({a.families}), context {a.min_tokens}-"
+              f"{a.max_tokens} tokens, seed {a.seed}; response cap {a.response_tokens} tokens", "",
+              summarize(rows), ""]
+    if a.answer_tokens > 0:
+        report += [summarize(rows, "f1"), ""]
+    report += [timing_summary(rows), ""]
+    text = "\n".join(report)
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    (out / "args.json").write_text(json.dumps(vars(a), indent=1), encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
+
+
