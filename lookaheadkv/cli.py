@@ -69,9 +69,10 @@ def method_kwargs(window, keep_window, sinks, pooling, kernel, gqa) -> dict:
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--draft-model", help="speckv: the draft model (same tokenizer as --model), named model or path")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def generate(model, method, budget, window, keep_window, sinks, pooling, kernel, gqa, context_file, question,
-             max_new_tokens, temperature, top_p, seed, device, as_json):
+             max_new_tokens, temperature, top_p, seed, device, draft_model, as_json):
     """Answer QUESTION about the text in --context-file with an evicted cache."""
     from .generate import generate as run
     from .models import load_model
@@ -81,7 +82,7 @@ def generate(model, method, budget, window, keep_window, sinks, pooling, kernel,
     context = context_file.read_text(encoding="utf-8", errors="replace")
     m, tok = load_model(model, device=device)
     ans = run(m, tok, context, question, method=method, budget=parse_budget(budget), max_new_tokens=max_new_tokens,
-              temperature=temperature, top_p=top_p, seed=seed,
+              temperature=temperature, top_p=top_p, seed=seed, draft_model=draft_model,
               **method_kwargs(window, keep_window, sinks, pooling, kernel, gqa))
     if as_json:
         click.echo(json.dumps(ans.to_dict()))

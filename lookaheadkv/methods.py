@@ -13,7 +13,7 @@ import torch
 
 from . import scoring
 from .errors import LookaheadKVError
-from .prefill import Prefill
+from .prefill import ExtraRows, Prefill
 
 
 @dataclass
@@ -36,6 +36,10 @@ class Method:
     def prefill_rows(self) -> int:
         """Prompt rows whose attention the prefill records: 0 none, -1 all, n the last n."""
         return 0
+
+    def prefill_extra(self, model) -> ExtraRows | None:
+        """Rows to append after the prompt inside its prefill (single-pass LookaheadKV); None for most."""
+        return None
 
     def glimpse(self, model, pf: Prefill) -> list[torch.Tensor]:
         """Per layer [B, Hq, L]: mean attention of this method's query rows onto the prompt."""

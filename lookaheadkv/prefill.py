@@ -6,9 +6,10 @@ padded prompt computes exactly what it would alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ class Prefill:
     valid: torch.Tensor  # [B, L] bool, False at pad positions
     next_logits: torch.Tensor  # [B, V] logits of the first answer token
     recordings: dict[int, Recording]  # rows recorded (-1: all) -> their attention onto the prompt
+    extra: Recording | None = None  # the ExtraRows' attention onto the prompt, when the prefill ran them
 
     @property
     def recording(self) -> Recording:
@@ -64,10 +66,20 @@ class Prefill:
     def clone(self) -> Prefill:
         """An independent copy (its own cache tensors), so one prefill can serve many methods and budgets."""
         return Prefill(copy.deepcopy(self.cache), self.input_ids, self.valid, self.next_logits,
-                       copy.deepcopy(self.recordings))
+                       copy.deepcopy(self.recordings), copy.deepcopy(self.extra))
 
     def key_valid(self, n_layers: int) -> list[torch.Tensor] | None:
         return [self.valid] * n_layers if self.padded else None
+
+
+@dataclass
+class ExtraRows:
+    """Rows appended after the prompt inside its own prefill (single-pass LookaheadKV): their attention onto
+    the prompt is recorded, then their entries are cropped away. `active(first_row)` wraps the forward
+    (e.g. a LoRA masked to rows >= first_row), so the prompt rows compute exactly what they would alone."""
+
+    embeds: torch.Tensor  # [1 or B, n, hidden]
+    active: Callable[[int], contextlib.AbstractContextManager] = lambda first: contextlib.nullcontext()
 
 
 def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -76,18 +88,31 @@ def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            record_rows: int | Sequence[int] = 0) -> Prefill:
+            record_rows: int | Sequence[int] = 0, extra: ExtraRows | None = None) -> Prefill:
     """Run the prompt through the model into a fresh cache; record the last `record_rows` rows' attention
     (-1: every row, in chunks; 0: none). Several row counts can be recorded in one prefill, so one
-    prefill serves every method (see Prefill.clone)."""
+    prefill serves every method (see Prefill.clone). `extra` rows ride after the prompt (see ExtraRows)."""
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     cache = DynamicCache(config=model.config)
     wanted = [record_rows] if isinstance(record_rows, int) else list(record_rows)
     recs = {r: Recording(rows=r) for r in dict.fromkeys(wanted) if r != 0}
     key_valid = [valid] * model.config.num_hidden_layers if not valid.all() else None
-    with forward_state(list(recs.values()), key_valid):
-        logits = forward(model, cache, positions_from_mask(valid), input_ids=input_ids)
-    return Prefill(cache, input_ids, valid, logits[:, -1].float(), recs)
+    if extra is None:
+        with forward_state(list(recs.values()), key_valid):
+            logits = forward(model, cache, positions_from_mask(valid), input_ids=input_ids)
+        return Prefill(cache, input_ids, valid, logits[:, -1].float(), recs)
+    if recs:
+        raise ValueError("a prefill with extra rows records only those rows; record prompt rows separately")
+    length, n = input_ids.shape[1], extra.embeds.shape[1]
+    embeds = torch.cat([model.get_input_embeddings()(input_ids),
+                        extra.embeds.expand(input_ids.shape[0], -1, -1)], dim=1)
+    positions = torch.cat([positions_from_mask(valid),
+                           valid.sum(dim=1, keepdim=True) + torch.arange(n, device=valid.device)], dim=1)
+    rec = Recording(rows=n, columns=length)
+    with forward_state(rec, key_valid), extra.active(length):
+        logits = forward(model, cache, positions, inputs_embeds=embeds, logits_to_keep=n + 1)
+    crop(cache, length)
+    return Prefill(cache, input_ids, valid, logits[:, 0].float(), recs, rec)
 
 
 @torch.no_grad()

@@ -1,0 +1,325 @@
+"""LookaheadKV: n learned embeddings run after the prompt with a LoRA active only on their rows.
+
+Their attention onto the prompt's keys stands in for the attention of the answer the model has not written
+yet, and scores the prompt for eviction like any other glimpse (mean over the n rows, then the shared
+scoring core). Because the LoRA never touches a prompt row and attention is causal, the prompt's KV is
+exactly the base model's, so the rows can run in two equivalent ways:
+
+- single pass (inference default): the n rows ride at the end of the prompt's own prefill, the LoRA output
+  zeroed on every prompt row (a hook on each lora_B multiplies by a row mask: base + 0 is exact); the
+  lookahead entries are cropped from the cache afterwards.
+- two passes: plain prefill (any kernel, chunked), then one n-row pass over the cached prompt with the LoRA on.
+
+A module is a standard PEFT LoRA adapter directory plus `lookahead_embeddings.safetensors` and
+`lookahead.json` (the base model's identity, n, how it was trained). The LoRA is injected into the model
+once, under the adapter name "lookahead", and stays switched off outside the lookahead rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .attention import Recording, forward_state
+from .cache import crop
+from .errors import LookaheadKVError
+from .methods import Method, register
+from .prefill import ExtraRows, Prefill, forward
+
+ADAPTER = "lookahead"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULES_DIR = Path(__file__).parent / "modules"
+EMBEDDINGS_FILE = "lookahead_embeddings.safetensors"
+META_FILE = "lookahead.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FORMAT = 1
+
+# First row of each forward on which the LoRA acts (0: every row); read by the hooks on lora_B.
+_FIRST_ROW: contextvars.ContextVar[int] = contextvars.ContextVar("lookahead_first_row", default=0)
+
+
+@dataclass
+class LookaheadModule:
+    """The trainable parts: n embeddings (fp32 parameter) and the LoRA living inside the model."""
+
+    embeddings: torch.nn.Parameter  # [n, hidden]
+    rank: int
+    alpha: int
+    targets: tuple[str, ...]
+    meta: dict = field(default_factory=dict)  # contents of lookahead.json
+    path: Path | None = None
+
+    @property
+    def n(self) -> int:
+        return self.embeddings.shape[0]
+
+    def parameters(self, model) -> list[torch.nn.Parameter]:
+        """Everything that trains: the embeddings and the LoRA's A and B matrices."""
+        return [self.embeddings] + [p for name, p in model.named_parameters() if f".{ADAPTER}." in name]
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+_CONFIG_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "max_position_embeddings",
+                  "tie_word_embeddings", "rms_norm_eps")
+_SAMPLE = 1 << 16  # elements hashed per tensor: enough to tell models apart, cheap on any device
+
+
+def _base_parameters(model) -> dict[str, torch.Tensor]:
+    """The base model's parameters under their plain names (PEFT's wrappers and LoRA left out)."""
+    return {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def model_identity(model) -> dict:
+    """Name, sha256 of the architecture's config fields, and sha256 of a strided sample of a few tensors
+    rounded to bf16 (so the same weights loaded in fp32 or bf16, on CPU or GPU, hash alike)."""
+    cfg = model.config.to_dict()
+    arch = {k: cfg.get(k) for k in _CONFIG_FIELDS}
+    params = _base_parameters(model)
+    names = sorted(params)
+    picked = sorted({names[0], names[len(names) // 2], names[-1]})
+    h = hashlib.sha256()
+    for name in picked:
+        t = params[name].detach().flatten()
+        t = t[:: max(1, t.numel() // _SAMPLE)][:_SAMPLE].to("cpu", torch.bfloat16)
+        h.update(name.encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return {"name": str(getattr(model, "name_or_path", "")),
+            "config_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest(),
+            "weights_sha256": h.hexdigest(), "hashed_tensors": picked}
+
+
+def _matches(meta: dict, ident: dict) -> bool:
+    base = meta.get("base_model", {})
+    return base.get("config_sha256") == ident["config_sha256"] and base.get("weights_sha256") == ident["weights_sha256"]
+
+
+# ---------------------------------------------------------------------------------------------- LoRA rows
+
+
+def _mask_rows(module, inputs, output):
+    first = _FIRST_ROW.get()
+    if first <= 0:
+        return output
+    keep = torch.arange(output.shape[-2], device=output.device) >= first
+    return output * keep[:, None].to(output.dtype)
+
+
+def _lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+
+
+def _inject(model, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
+    """Add the lookahead LoRA to the model once (switched off); a second module must share its shape."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    have = getattr(model, "_lookahead_lora", None)
+    if have is not None:
+        if have != (rank, alpha, tuple(targets)):
+            raise LookaheadKVError(
+                f"this model already carries a lookahead LoRA of rank/alpha/targets {have}; load the model again "
+                f"to use a module with {(rank, alpha, tuple(targets))}")
+        return
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    try:
+        inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
+    except ValueError as e:
+        raise LookaheadKVError(f"cannot add the lookahead LoRA to this model: {str(e).splitlines()[0]}") from None
+    for name, p in model.named_parameters():
+        if f".{ADAPTER}." in name:
+            p.data = p.data.float()  # the LoRA computes and trains in fp32 whatever the model's dtype
+    for layer in _lora_layers(model):
+        layer.lora_B[ADAPTER].register_forward_hook(_mask_rows)
+        layer.enable_adapters(False)
+    model._lookahead_lora = (rank, alpha, tuple(targets))
+    model._lookahead_config = cfg
+
+
+@contextlib.contextmanager
+def lora_rows(model, first_row: int = 0) -> Iterator[None]:
+    """Switch the lookahead LoRA on for rows >= first_row of each forward (0: all rows), off again after."""
+    layers = _lora_layers(model)
+    token = _FIRST_ROW.set(first_row)
+    for layer in layers:
+        layer.enable_adapters(True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(False)
+        _FIRST_ROW.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------- create/save/load
+
+
+def create(model, n: int = 32, rank: int = 8, alpha: int = 32, targets: tuple[str, ...] = TARGETS,
+           seed: int = 0) -> LookaheadModule:
+    """A fresh module: the LoRA injected (B = 0, so it starts as the identity) and n embeddings initialised
+    as copies of random vocabulary embeddings (realistic norms)."""
+    _inject(model, rank, alpha, targets)
+    g = torch.Generator().manual_seed(seed)
+    table = model.get_input_embeddings().weight.detach()
+    rows = torch.randint(0, table.shape[0], (n,), generator=g).to(table.device)
+    emb = torch.nn.Parameter(table[rows].float().clone())
+    mod = LookaheadModule(emb, rank, alpha, tuple(targets), {"base_model": model_identity(model), "n": n})
+    model._lookahead_module = mod
+    return mod
+
+
+def save(model, mod: LookaheadModule, out: str | Path, training: dict | None = None) -> Path:
+    """Write the module: PEFT adapter files + embeddings + lookahead.json."""
+    from peft import get_peft_model_state_dict
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model._lookahead_config.save_pretrained(str(out))
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(out / ADAPTER_FILES[1]))
+    save_file({"embeddings": mod.embeddings.detach().float().cpu().contiguous()}, str(out / EMBEDDINGS_FILE))
+    meta = dict(mod.meta, format=FORMAT, n=mod.n, rank=mod.rank, alpha=mod.alpha, targets=list(mod.targets),
+                base_model=model_identity(model))
+    if training is not None:
+        meta["training"] = training
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    mod.meta, mod.path = meta, out
+    return out
+
+
+def _read_meta(path: Path) -> dict:
+    missing = [f for f in (META_FILE, EMBEDDINGS_FILE, *ADAPTER_FILES) if not (path / f).is_file()]
+    if missing:
+        raise LookaheadKVError(f"{path} is not a lookahead module (missing {', '.join(missing)}); "
+                               "train one with `lookaheadkv train`")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        _ = meta["base_model"]["config_sha256"], meta["n"], meta["rank"], meta["alpha"], meta["targets"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise LookaheadKVError(f"{path / META_FILE} is damaged ({type(e).__name__}: {e}); "
+                               "train the module again") from None
+    return meta
+
+
+def load(model, path: str | Path) -> LookaheadModule:
+    """Load a module for `model`; refused (LookaheadKVError) if it was made for another model or is damaged."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LookaheadKVError(f"lookahead module {path} does not exist")
+    meta = _read_meta(path)
+    ident = model_identity(model)
+    if not _matches(meta, ident):
+        base = meta["base_model"]
+        what = "architecture" if base.get("config_sha256") != ident["config_sha256"] else "weights"
+        raise LookaheadKVError(
+            f"lookahead module {path} was trained for {base.get('name') or 'another model'!r}, not this model "
+            f"({ident['name'] or 'unnamed'}: its {what} differ); train one for it with "
+            "`lookaheadkv train --model M --out DIR`")
+    try:
+        emb = load_file(str(path / EMBEDDINGS_FILE))["embeddings"]
+        lora = load_file(str(path / ADAPTER_FILES[1]))
+    except Exception as e:  # safetensors raises several types on a truncated or garbled file
+        raise LookaheadKVError(f"lookahead module {path} is damaged ({str(e).splitlines()[0]}); "
+                               "fetch or train it again") from None
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if emb.ndim != 2 or emb.shape != (meta["n"], hidden):
+        raise LookaheadKVError(f"lookahead module {path}: embeddings of shape {tuple(emb.shape)}, expected "
+                               f"({meta['n']}, {hidden}); the file is damaged")
+    _inject(model, meta["rank"], meta["alpha"], tuple(meta["targets"]))
+    device = model.get_input_embeddings().weight.device
+    result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in lora.items()}, adapter_name=ADAPTER)
+    lora_missing = [k for k in result.missing_keys if f".{ADAPTER}." in k]
+    if result.unexpected_keys or lora_missing or not lora:
+        raise LookaheadKVError(f"lookahead module {path}: adapter weights do not fit this model "
+                               f"({len(lora_missing)} missing, {len(result.unexpected_keys)} unexpected)")
+    mod = LookaheadModule(torch.nn.Parameter(emb.to(device), requires_grad=False), meta["rank"], meta["alpha"],
+                          tuple(meta["targets"]), meta, path)
+    model._lookahead_module = mod
+    return mod
+
+
+def shipped_module(model) -> Path:
+    """The module shipped with the package for this model (matched by identity, not by name)."""
+    ident = model_identity(model)
+    for d in sorted(MODULES_DIR.glob("*/")):
+        try:
+            if _matches(json.loads((d / META_FILE).read_text()), ident):
+                return d
+        except (OSError, ValueError):
+            continue
+    raise LookaheadKVError(f"no lookahead module is shipped for {ident['name'] or 'this model'}; train one with "
+                           "`lookaheadkv train --model M --out DIR` and pass it with --module DIR")
+
+
+def use_module(model, path: str | Path | None = None) -> LookaheadModule:
+    """The module attached to `model`, loading `path` (or the shipped one) the first time it is asked for."""
+    mod = getattr(model, "_lookahead_module", None)
+    if path is None and mod is not None:
+        return mod
+    path = Path(path) if path is not None else shipped_module(model)
+    if mod is not None and mod.path is not None and mod.path.resolve() == path.resolve():
+        return mod
+    return load(model, path)
+
+
+# ---------------------------------------------------------------------------------------------- the lookahead rows
+
+
+def lookahead_embeds(model, mod: LookaheadModule, batch: int) -> torch.Tensor:
+    dtype = model.get_input_embeddings().weight.dtype
+    return mod.embeddings.to(dtype)[None].expand(batch, -1, -1)
+
+
+def extra_rows(model, mod: LookaheadModule, batch: int) -> ExtraRows:
+    """The single-pass form: rows appended in the prompt's prefill, LoRA masked to them."""
+    return ExtraRows(lookahead_embeds(model, mod, batch), lambda first: lora_rows(model, first))
+
+
+def lookahead_pass(model, mod: LookaheadModule, pf: Prefill, grad: bool = False) -> Recording:
+    """The two-pass form: the n rows after the cached prompt at their true positions, LoRA on; records
+    their attention onto the prompt's keys (keeping the graph when grad), then crops them from the cache."""
+    batch = pf.input_ids.shape[0]
+    rec = Recording(rows=-1, columns=pf.length, grad=grad)
+    positions = pf.lengths[:, None] + torch.arange(mod.n, device=pf.valid.device)
+    with torch.set_grad_enabled(grad), lora_rows(model, 0), \
+            forward_state(rec, pf.key_valid(model.config.num_hidden_layers)):
+        forward(model, pf.cache, positions, inputs_embeds=lookahead_embeds(model, mod, batch))
+    crop(pf.cache, pf.length)
+    return rec
+
+
+@register
+@dataclass
+class Lookahead(Method):
+    """LookaheadKV. Defaults (pooling, kernel, window) were chosen by importance recall on held-out
+    prompts of the train split: see docs/lookahead.md."""
+
+    name = "lookahead"
+    summary = "LookaheadKV: 32 learned embeddings + a LoRA active only on them glimpse the answer (trained module)"
+    module: str | None = None  # module directory; None: the one shipped for this model
+    passes: int = 1  # 1: rows ride in the prompt's prefill; 2: plain prefill, then the n-row pass
+    window: int = 8
+    pooling: str = "max"
+    kernel: int = 7
+
+    def prefill_extra(self, model) -> ExtraRows | None:
+        if self.passes not in (1, 2):
+            raise LookaheadKVError(f"passes must be 1 or 2, got {self.passes}")
+        return None if self.passes == 2 else extra_rows(model, use_module(model, self.module), 1)
+
+    def glimpse(self, model, pf: Prefill) -> list[torch.Tensor]:
+        if pf.extra is not None:
+            return pf.extra.mean()
+        return lookahead_pass(model, use_module(model, self.module), pf).mean()
