@@ -1,0 +1,181 @@
+"""Glimpse by generation: LAQ and SpecKV score the prompt with the query rows of a drafted answer.
+
+Both are query-row sources for the shared scoring core. Their rows are those of the last `window` prompt
+tokens (recorded in the prefill, as for SnapKV) pooled with those of `k` draft tokens, which the target runs
+after its cached prompt at their true positions (prefill.attend_rows) and then drops again. They differ
+only in who writes the draft:
+
+- laq (Lookahead Q-Cache, EMNLP 2025): the target itself, greedily, on a copy of the prompt cache that
+  SnapKV has compressed to `draft_budget` entries.
+- speckv (SpecKV, "Draft-based Approximate Inference", ICLR 2026): a smaller draft model with the same
+  tokenizer, greedily, from the same prompt ids.
+
+Decoding then starts from the full prefill's logits, as if no draft had happened. The extra cost shows in
+Eviction.parts: "draft_compress" (LAQ's SnapKV copy), "draft_prefill" (SpecKV's draft-model prefill),
+"draft_decode" (the k greedy steps) and "draft_rows" (the target's pass over the draft).
+
+A drafted token that is EOS ends a single sequence's draft (the answer would end there). In a batch, all
+sequences draft exactly k tokens, so rows stay aligned (a sequence that ended early drafts on past its EOS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import attention
+from .decode import Sampling, decode
+from .errors import LookaheadKVError
+from .generate import evict, timed
+from .methods import Method, get_method, register
+from .prefill import Prefill, attend_rows, prefill
+
+
+def _eos(model, batch: int) -> set[int]:
+    if batch > 1:
+        return set()
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _as_tensor(tokens: list[list[int]], device: torch.device) -> torch.Tensor:
+    return torch.tensor(tokens, dtype=torch.long, device=device).reshape(len(tokens), -1)
+
+
+@dataclass
+class Drafted(Method):
+    """Shared glimpse of the drafting methods: [last `window` prompt rows + k draft rows]; subclasses draft."""
+
+    k: int = 8
+
+    def prefill_rows(self) -> int:
+        return self.window
+
+    def draft(self, model, pf: Prefill) -> torch.Tensor:
+        """[B, n <= k] greedy draft tokens continuing the prompt (the first one from pf.next_logits)."""
+        raise NotImplementedError
+
+    def glimpse(self, model, pf: Prefill) -> list[torch.Tensor]:
+        rec = None
+        if self.window > 0:
+            base = pf.recordings[self.window]  # copied, so the prefill's own recording serves other methods
+            rec = dataclasses.replace(base, sums=dict(base.sums), count=dict(base.count))
+        if self.k > 0:
+            tokens = self.draft(model, pf)
+            if tokens.shape[1] > 0:
+                with timed("draft_rows"):
+                    rows = attend_rows(model, pf, input_ids=tokens)
+                rec = rows if rec is None else rec.merge(rows)
+        if rec is None:
+            raise LookaheadKVError(f"{self.name} has no query rows: window and k are both 0; raise one of them")
+        return rec.mean()
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise LookaheadKVError(f"{self.name}: k (draft tokens) must be >= 0, got {self.k}")
+
+
+@register
+@dataclass
+class LAQ(Drafted):
+    name = "laq"
+    summary = "the target drafts k tokens on a SnapKV-compressed copy; [window + draft] rows score the full cache"
+    k: int = 8
+    draft_budget: int = 256  # entries per layer and KV head of the compressed copy the draft is written on
+
+    def draft(self, model, pf: Prefill) -> torch.Tensor:
+        snap = get_method("snapkv", window=self.window, keep_window=self.keep_window, sinks=self.sinks,
+                          pooling=self.pooling, kernel=self.kernel, gqa=self.gqa)
+        if self.draft_budget < snap.floor():
+            raise LookaheadKVError(f"laq: draft_budget {self.draft_budget} is below the window {self.window} that "
+                                   "SnapKV keeps; raise draft_budget or lower the window")
+        with timed("draft_compress"):
+            copy = pf.clone()
+            key_valid = evict(model, copy, snap, self.draft_budget).key_valid
+        with timed("draft_decode"):
+            tokens = decode(model, copy, key_valid, _eos(model, pf.input_ids.shape[0]), Sampling(self.k))
+        del copy
+        return _as_tensor(tokens, pf.input_ids.device)
+
+
+@functools.cache
+def _load_draft(name: str, device: str, dtype: torch.dtype):
+    from .models import load_model
+
+    return load_model(name, device=device, dtype=dtype)[0]
+
+
+@functools.cache
+def _vocab_of(path: str) -> tuple | None:
+    """The tokenizer vocabulary saved with a local model directory, or None when there is none to read."""
+    if not path or not Path(path).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    except (OSError, ValueError):
+        return None
+    return tuple(sorted(vocab.items()))
+
+
+def check_same_vocabulary(target, draft) -> None:
+    """SpecKV's draft tokens are fed to the target as they are: both models must share one tokenizer."""
+    t_name = getattr(target, "name_or_path", "") or target.config._name_or_path or "the target"
+    d_name = getattr(draft, "name_or_path", "") or draft.config._name_or_path or "the draft model"
+    hint = "SpecKV needs a draft model with the target's tokenizer (e.g. qwen2.5-coder-0.5b-instruct drafting " \
+           "for qwen2.5-coder-1.5b-instruct)"
+    tv, dv = _vocab_of(target.config._name_or_path), _vocab_of(draft.config._name_or_path)
+    if tv is not None and dv is not None:
+        if tv != dv:
+            raise LookaheadKVError(f"draft model {d_name} has a different tokenizer from {t_name}; {hint}")
+    elif target.config.vocab_size != draft.config.vocab_size:
+        raise LookaheadKVError(f"draft model {d_name} has a vocabulary of {draft.config.vocab_size} tokens, "
+                               f"{t_name} of {target.config.vocab_size}; {hint}")
+
+
+@register
+@dataclass
+class SpecKV(Drafted):
+    name = "speckv"
+    summary = "a small draft model (same tokenizer) writes k tokens; [window + draft] rows score the prompt"
+    k: int = 32
+    # A loaded model, or a named model / local path, loaded once per process on the target's device.
+    draft_model: Any = field(default=None, repr=False)
+
+    def draft_lm(self, model):
+        if self.draft_model is None:
+            raise LookaheadKVError("speckv needs a draft model: pass draft_model= (a model or a name) or "
+                                   "--draft-model NAME, e.g. qwen2.5-coder-0.5b-instruct")
+        p = next(model.parameters())
+        dm = self.draft_model
+        if isinstance(dm, (str, Path)):
+            dm = _load_draft(str(dm), str(p.device), p.dtype)
+        check_same_vocabulary(model, dm)
+        return dm
+
+    def draft(self, model, pf: Prefill) -> torch.Tensor:
+        dm = self.draft_lm(model)
+        device = next(dm.parameters()).device
+        ids, valid = pf.input_ids.to(device), pf.valid.to(device)
+        eos = _eos(dm, ids.shape[0])
+        ours = getattr(dm.config, "_attn_implementation", None) == attention.NAME
+        if ours or not pf.padded:  # batched: our attention applies the pad masks while decoding
+            with timed("draft_prefill"):
+                dpf = prefill(dm, ids, valid)
+            with timed("draft_decode"):
+                tokens = decode(dm, dpf, dpf.key_valid(dm.config.num_hidden_layers), eos, Sampling(self.k))
+        else:  # another attention implementation: one unpadded sequence at a time
+            tokens = []
+            for i in range(ids.shape[0]):
+                with timed("draft_prefill"):
+                    dpf = prefill(dm, ids[i : i + 1, valid[i]])
+                with timed("draft_decode"):
+                    tokens += decode(dm, dpf, None, eos, Sampling(self.k))
+        del dpf
+        return _as_tensor(tokens, pf.input_ids.device)

@@ -1,0 +1,221 @@
+"""LAQ and SpecKV (lookaheadkv.drafts) on tiny random-weight models, against direct references."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from lookaheadkv import LookaheadKVError, generate_ids, get_method
+from lookaheadkv.cache import kv_bytes, kv_lengths
+from lookaheadkv.decode import Sampling
+from lookaheadkv.generate import evict
+from lookaheadkv.prefill import prefill
+
+
+def no_eos(model):
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="module")
+def target():
+    return no_eos(tiny_model())
+
+
+@pytest.fixture(scope="module")
+def drafter():
+    """A different tiny model with the same vocabulary: its greedy answer is not the target's."""
+    return no_eos(tiny_model(layers=2, seed=7))
+
+
+def prompt(n, seed, batch=1):
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def method(name, drafter=None, **kw):
+    if name == "speckv":
+        kw.setdefault("draft_model", drafter)
+    if name == "laq":
+        kw.setdefault("draft_budget", 20)
+    return get_method(name, **kw)
+
+
+def drafted_reference(model, ids, draft, window, budget, kernel, kv_heads=2):
+    """Kept positions from eager attention over [prompt; draft]: mean of the last `window` prompt rows and the
+    draft rows onto the prompt keys, max-pooled, GQA mean, window forced, stable top-k."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    seq = torch.cat([ids, torch.tensor([draft])], dim=1)
+    length = ids.shape[1]
+    kept = []
+    for att in eager(seq, output_attentions=True).attentions:
+        rows = torch.cat([att[:, :, length - window:length, :length], att[:, :, length:, :length]], dim=2)
+        s = F.max_pool1d(rows.mean(dim=2), kernel, stride=1, padding=kernel // 2)
+        s = s.view(1, kv_heads, -1, length).mean(dim=2)
+        s[..., -window:] = float("inf")
+        kept.append(s.sort(dim=-1, descending=True, stable=True).indices[..., :budget].sort(dim=-1).values)
+    return kept
+
+
+@pytest.mark.parametrize("name", ["laq", "speckv"])
+def test_budget_equal_to_prompt_reproduces_full_cache(target, drafter, name):
+    ids = prompt(70, 1)
+    ref = hf_greedy(target, ids, 12)
+    m = method(name, drafter, window=8)
+    tokens, ev, _ = generate_ids(target, ids, None, m, budget=70, sampling=Sampling(12), eos_ids=set())
+    assert tokens[0] == ref
+    assert ev.kept_per_layer == [70, 70, 70]
+    assert ev.parts["draft_rows"] > 0  # the draft really ran (budget == prompt still scores)
+
+
+@pytest.mark.parametrize("name", ["laq", "speckv"])
+def test_draft_tokens_never_stay_in_the_cache(target, drafter, name):
+    ids = prompt(70, 2, batch=2)
+    pf = prefill(target, ids, record_rows=8)
+    keys = [layer.keys.clone() for layer in pf.cache.layers]
+    full = kv_bytes(pf.cache)
+    m = method(name, drafter, window=8)
+    m.scores(target, pf)  # glimpse alone: the draft ran over the cache and was dropped, the prompt KV is as it was
+    assert kv_lengths(pf.cache) == [70, 70, 70]
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(keys, pf.cache.layers))
+    ev = evict(target, pf, m, 30)
+    assert kv_lengths(pf.cache) == [30, 30, 30]
+    assert ev.kv_bytes_full == full and ev.kv_bytes_kept == kv_bytes(pf.cache) == full * 30 // 70
+
+
+@pytest.mark.parametrize("name", ["laq", "speckv"])
+def test_decoding_after_eviction_uses_original_positions(name):
+    """One layer, one KV head: eviction = hiding the evicted keys from new rows at their true positions."""
+    model = no_eos(tiny_model(layers=1, kv_heads=1, heads=2))
+    dm = no_eos(tiny_model(layers=1, kv_heads=1, heads=2, seed=9))
+    ids = prompt(50, 5)
+    m = method(name, dm, window=4, draft_budget=12) if name == "laq" else method(name, dm, window=4)
+    tokens, ev, _ = generate_ids(model, ids, None, m, budget=20, sampling=Sampling(6), eos_ids=set())
+    mask = torch.zeros(1, 50, dtype=torch.long)
+    mask[0, ev.kept[0][0, 0]] = 1
+    ref = [int(model(ids).logits[0, -1].argmax())]  # the first token comes from the full prefill, not the draft
+    seq = torch.cat([ids, torch.tensor([ref])], dim=1)
+    for _ in range(5):
+        m_ = torch.cat([mask, torch.ones(1, seq.shape[1] - 50, dtype=torch.long)], dim=1)
+        logits = model(seq, attention_mask=m_, position_ids=torch.arange(seq.shape[1])[None]).logits
+        ref.append(int(logits[0, -1].argmax()))
+        seq = torch.cat([seq, torch.tensor([[ref[-1]]])], dim=1)
+    assert tokens[0] == ref
+
+
+@pytest.mark.parametrize("window", [8, 32])
+def test_laq_without_draft_tokens_is_snapkv(target, window):
+    ids = prompt(90, 3, batch=2)
+    pf = prefill(target, ids, record_rows=window)
+    snap = evict(target, pf.clone(), get_method("snapkv", window=window), 40)
+    laq = evict(target, pf.clone(), get_method("laq", window=window, k=0), 40)
+    assert all(torch.equal(a, b) for a, b in zip(snap.kept, laq.kept))
+    with_draft = evict(target, pf.clone(), get_method("laq", window=window, k=8, draft_budget=40), 40)
+    assert not all(torch.equal(a, b) for a, b in zip(snap.kept, with_draft.kept))  # the draft rows do count
+
+
+def test_laq_drafts_with_the_target_on_a_snapkv_compressed_cache(target):
+    ids = prompt(70, 4)
+    m = method("laq", window=8, k=8, draft_budget=16)
+    draft = m.draft(target, prefill(target, ids, record_rows=8))[0].tolist()
+    # the target's own greedy answer under SnapKV at draft_budget (the core pipeline, tested on its own) ...
+    snap, _, _ = generate_ids(target, ids, None, "snapkv", 16, Sampling(8), eos_ids=set(), window=8)
+    assert draft == snap[0]
+    assert draft != hf_greedy(target, ids, 8)  # ... which is not the full-cache answer here
+    # and the kept set is the one those draft rows predict
+    _, ev, _ = generate_ids(target, ids, None, m, 24, Sampling(1), eos_ids=set())
+    for ours, ref in zip(ev.kept, drafted_reference(target, ids, draft, 8, 24, 7)):
+        assert torch.equal(ours, ref)
+
+
+def test_speckv_drafts_with_the_draft_model(target, drafter):
+    ids = prompt(70, 4)
+    m = method("speckv", drafter, window=8, k=10)
+    draft = m.draft(target, prefill(target, ids, record_rows=8))[0].tolist()
+    assert draft == hf_greedy(drafter, ids, 10)
+    assert draft != hf_greedy(target, ids, 10)
+    _, ev, _ = generate_ids(target, ids, None, m, 24, Sampling(1), eos_ids=set())
+    for ours, ref in zip(ev.kept, drafted_reference(target, ids, draft, 8, 24, 7)):
+        assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("name", ["laq", "speckv"])
+def test_a_stubbed_draft_moves_the_kept_set_as_predicted(target, drafter, name):
+    ids = prompt(70, 6)
+    kept = {}
+    for stub in ([5, 6, 7, 8], ids[0, 10:16].tolist()):  # any tokens vs. a copy of the prompt's positions 10-15
+        m = method(name, drafter, window=8)
+        m.draft = lambda model, pf, stub=stub: torch.tensor([stub])
+        _, ev, _ = generate_ids(target, ids, None, m, 24, Sampling(1), eos_ids=set())
+        for ours, ref in zip(ev.kept, drafted_reference(target, ids, stub, 8, 24, 7)):
+            assert torch.equal(ours, ref)
+        kept[tuple(stub)] = ev.kept
+    a, b = kept.values()
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_single_sequence_draft_stops_at_eos(target, drafter):
+    ids = prompt(70, 4)
+    full = hf_greedy(drafter, ids, 10)
+    dm = copy.deepcopy(drafter)
+    dm.generation_config.eos_token_id = full[3]
+    draft = method("speckv", dm, window=8, k=10).draft(target, prefill(target, ids, record_rows=8))
+    assert draft[0].tolist() == full[: full.index(full[3])]
+
+
+@pytest.mark.parametrize("name,sdpa_draft", [("laq", False), ("speckv", False), ("speckv", True)])
+def test_left_padded_batch_equals_single_runs(target, drafter, name, sdpa_draft):
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (60, 41, 52)]
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(3, length, dtype=torch.long)
+    mask = torch.zeros(3, length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = p
+        mask[i, length - len(p):] = 1
+    dm = drafter
+    if sdpa_draft:  # a draft model left on its own attention implementation still drafts each prompt right
+        dm = copy.deepcopy(drafter)
+        dm.set_attn_implementation("sdpa")
+    m = method(name, dm, window=8)
+    batch, ev, _ = generate_ids(target, ids, mask, m, 30, Sampling(6), eos_ids=set())
+    for i, p in enumerate(prompts):
+        single, ev1, _ = generate_ids(target, p[None], None, m, 30, Sampling(6), eos_ids=set())
+        assert batch[i] == single[0]
+        pad = length - len(p)
+        for a, b in zip(ev.kept, ev1.kept):
+            assert torch.equal(a[i] - pad, b[0])
+
+
+def test_eviction_time_is_split_into_parts(target, drafter):
+    ids = prompt(70, 2)
+    for name, own in [("laq", {"draft_compress", "draft_decode", "draft_rows"}),
+                      ("speckv", {"draft_prefill", "draft_decode", "draft_rows"})]:
+        m = method(name, drafter, window=8)
+        _, ev, timings = generate_ids(target, ids, None, m, 40, Sampling(2), eos_ids=set())
+        assert set(ev.parts) == own | {"score", "select", "compact"}
+        assert 0 < sum(ev.parts.values()) <= ev.seconds
+        assert timings["eviction.draft_rows"] == ev.parts["draft_rows"]
+
+
+def test_bad_draft_setups_are_clear_errors(target):
+    ids = prompt(40, 2)
+    other_vocab = tiny_model(vocab=256, seed=2)
+    with pytest.raises(LookaheadKVError, match="vocabulary of 256 tokens"):
+        generate_ids(target, ids, None, get_method("speckv", draft_model=other_vocab), 36, Sampling(2))
+    with pytest.raises(LookaheadKVError, match="needs a draft model"):
+        generate_ids(target, ids, None, "speckv", 36, Sampling(2))
+    with pytest.raises(LookaheadKVError, match="draft_budget"):
+        generate_ids(target, ids, None, get_method("laq", draft_budget=8), 36, Sampling(2))
+    with pytest.raises(LookaheadKVError, match="k .draft tokens"):
+        get_method("laq", k=-1)
+    with pytest.raises(LookaheadKVError, match="no option draft_model"):
+        get_method("snapkv", draft_model="x")
