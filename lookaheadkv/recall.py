@@ -287,17 +287,18 @@ def summarize(rows: Iterable[dict], metric: str = "recall") -> str:
 
 
 def timing_summary(rows: Iterable[dict]) -> str:
-    """Mean eviction seconds per method label and, where the method reports them, its parts."""
+    """Mean eviction seconds per method label and its parts (means over all its evictions; a part that an
+    eviction did not run counts as 0)."""
     sec: dict[str, list[float]] = defaultdict(list)
-    parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    parts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for r in rows:
         if r.get("kind") == "method":
             sec[r["method"]].append(r["eviction_s"])
             for k, v in (r.get("parts") or {}).items():
-                parts[r["method"]][k].append(v)
+                parts[r["method"]][k] += v
     lines = ["| method | eviction s (mean) | parts (mean s) |", "|---|---|---|"]
     for label, v in sec.items():
-        p = ", ".join(f"{k} {sum(x) / len(x):.3f}" for k, x in parts[label].items())
+        p = ", ".join(f"{k} {x / len(v):.3f}" for k, x in parts[label].items())
         lines.append(f"| {label} | {sum(v) / len(v):.3f} | {p} |")
     return "\n".join(lines)
 

@@ -219,3 +219,18 @@ def test_bad_draft_setups_are_clear_errors(target):
         get_method("laq", k=-1)
     with pytest.raises(LookaheadKVError, match="no option draft_model"):
         get_method("snapkv", draft_model="x")
+
+
+def test_a_reused_draft_serves_clones_of_one_prefill_only(target):
+    pf = prefill(target, prompt(70, 3), record_rows=8)
+    m = get_method("laq", window=8, draft_budget=20, reuse_draft=True)
+    calls = []
+    real = m.draft
+    m.draft = lambda model, pf: calls.append(1) or real(model, pf)
+    fresh = get_method("laq", window=8, draft_budget=20)
+    for b in (20, 30):
+        reused, new = evict(target, pf.clone(), m, b), evict(target, pf.clone(), fresh, b)
+        assert all(torch.equal(a, c) for a, c in zip(reused.kept, new.kept))
+    assert len(calls) == 1
+    evict(target, prefill(target, prompt(70, 4), record_rows=8), m, 20)  # another prompt drafts anew
+    assert len(calls) == 2
