@@ -286,6 +286,35 @@ def summarize(rows: Iterable[dict], metric: str = "recall") -> str:
     return "\n".join(lines)
 
 
+def paired_summary(rows: Iterable[dict], baseline: str, metric: str = "recall") -> str:
+    """A Markdown table of each method's per-sample difference to `baseline` (same sample and budget):
+    mean ± 95% CI. Pairing removes the sample-to-sample spread that the plain table's intervals carry."""
+    by: dict[tuple[str, int, str], float] = {}
+    budgets: set[int] = set()
+    labels: list[str] = []
+    for r in rows:
+        if r.get("kind") == "method" and metric in r:
+            by[(r["method"], r["budget"], r["sample"])] = r[metric]
+            budgets.add(r["budget"])
+            if r["method"] not in labels:
+                labels.append(r["method"])
+    order = sorted(budgets)
+    lines = [f"| {metric} minus {baseline} (paired, mean ± 95% CI) | " + " | ".join(f"B={b}" for b in order)
+             + " | n |", "|---|" + "---|" * (len(order) + 1)]
+    for label in labels:
+        if label == baseline:
+            continue
+        cells, n = [], 0
+        for b in order:
+            d = [v - by[(baseline, b, s)] for (lab, bb, s), v in by.items()
+                 if lab == label and bb == b and (baseline, b, s) in by]
+            m, ci = mean_ci(d)
+            n = max(n, len(d))
+            cells.append(f"{m:+.3f} ± {ci:.3f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {n} |")
+    return "\n".join(lines)
+
+
 def timing_summary(rows: Iterable[dict]) -> str:
     """Mean eviction seconds per method label and its parts (means over all its evictions; a part that an
     eviction did not run counts as 0)."""
@@ -348,26 +377,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True, help="output folder: rows.jsonl and summary.md")
+    ap.add_argument("--baselines", default="", help="comma-separated labels to pair every method against")
+    ap.add_argument("--summarize", action="store_true",
+                    help="only rewrite summary.md from the rows already in --out (e.g. of a stopped run)")
     a = ap.parse_args(argv)
+    out = Path(a.out)
+    if a.summarize:
+        rows_path = out / "rows.jsonl"
+        if not rows_path.exists():
+            raise SystemExit(f"error: {rows_path} does not exist")
+        rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        _report(rows, out, a.baselines, f"rows of {rows_path} ({sum(r['kind'] == 'sample' for r in rows)} samples)")
+        return
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, device=a.device)
     methods = parse_methods(a.methods)
     samples = heldout_samples(tok, a.samples, a.min_tokens, a.max_tokens, a.families.split(","), a.seed)
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.jsonl").unlink(missing_ok=True)
+    (out / "args.json").write_text(json.dumps(vars(a), indent=1), encoding="utf-8")
     rows = run_recall(model, tok, samples, methods, [int(b) for b in a.budgets.split(",")], a.response_tokens,
                       a.answer_tokens, out / "rows.jsonl")
-    report = [f"model {a.model}; {a.samples} held-out samples ({a.families}), context {a.min_tokens}-"
-              f"{a.max_tokens} tokens, seed {a.seed}; response cap {a.response_tokens} tokens", "",
-              summarize(rows), ""]
-    if a.answer_tokens > 0:
+    header = (f"model {a.model}; {a.samples} held-out samples ({a.families}), context {a.min_tokens}-{a.max_tokens} "
+              f"tokens, seed {a.seed}; response cap {a.response_tokens} tokens")
+    _report(rows, out, a.baselines, header)
+
+
+def _report(rows: list[dict], out: Path, baselines: str, header: str) -> None:
+    report = [header, "", summarize(rows), ""]
+    for base in filter(None, baselines.split(",")):
+        report += [paired_summary(rows, base), ""]
+    if any("f1" in r for r in rows):
         report += [summarize(rows, "f1"), ""]
     report += [timing_summary(rows), ""]
     text = "\n".join(report)
     (out / "summary.md").write_text(text, encoding="utf-8")
-    (out / "args.json").write_text(json.dumps(vars(a), indent=1), encoding="utf-8")
     print(text)
 
 

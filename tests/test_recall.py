@@ -10,7 +10,16 @@ from lookaheadkv import generate_ids, get_method
 from lookaheadkv.decode import Sampling
 from lookaheadkv.errors import LookaheadKVError
 from lookaheadkv.generate import build_prompt
-from lookaheadkv.recall import Sample, labelled, mean_ci, parse_methods, run_recall, summarize, token_f1
+from lookaheadkv.recall import (
+    Sample,
+    labelled,
+    mean_ci,
+    paired_summary,
+    parse_methods,
+    run_recall,
+    summarize,
+    token_f1,
+)
 
 
 class ByteTokenizer:
@@ -108,3 +117,10 @@ def test_method_specs_and_labels_are_checked():
         parse_methods("snapkv:nope=1")
     with pytest.raises(LookaheadKVError, match="twice"):
         labelled(["snapkv", "snapkv"])
+
+
+def test_paired_summary_is_the_mean_per_sample_difference():
+    rows = [{"kind": "method", "method": m, "budget": 8, "sample": s, "recall": v}
+            for m, s, v in [("a", "x", 0.5), ("a", "y", 0.25), ("b", "x", 0.75), ("b", "y", 0.75)]]
+    m, ci = mean_ci([0.25, 0.5])
+    assert f"| b | {m:+.3f} ± {ci:.3f} | 2 |" in paired_summary(rows, "a")
