@@ -52,8 +52,9 @@ class Drafted(Method):
     """Shared glimpse of the drafting methods: [last `window` prompt rows + k draft rows]; subclasses draft."""
 
     k: int = 8
-    # Reuse the last draft for clones of the same prefill (they share input_ids): an evaluation that evicts
-    # one prefill at many budgets drafts once. The reused evictions then report no draft time.
+    # Reuse the last draft and its rows' attention for clones of the same prefill (they share input_ids and
+    # next_logits): an evaluation that evicts one prefill at many budgets drafts once. The reused evictions
+    # then report no draft time.
     reuse_draft: bool = False
 
     def prefill_rows(self) -> int:
@@ -64,24 +65,24 @@ class Drafted(Method):
         raise NotImplementedError
 
     def glimpse(self, model, pf: Prefill) -> list[torch.Tensor]:
+        last = self._last
+        if self.reuse_draft and last is not None and last[0] is pf.input_ids and last[1] is pf.next_logits:
+            return last[2]
         rec = None
         if self.window > 0:
             base = pf.recordings[self.window]  # copied, so the prefill's own recording serves other methods
             rec = dataclasses.replace(base, sums=dict(base.sums), count=dict(base.count))
         if self.k > 0:
-            last = self._last
-            if self.reuse_draft and last is not None and last[0] is pf.input_ids and last[1] is pf.next_logits:
-                tokens = last[2]
-            else:
-                tokens = self.draft(model, pf)
-                self._last = (pf.input_ids, pf.next_logits, tokens) if self.reuse_draft else None
+            tokens = self.draft(model, pf)
             if tokens.shape[1] > 0:
                 with timed("draft_rows"):
                     rows = attend_rows(model, pf, input_ids=tokens)
                 rec = rows if rec is None else rec.merge(rows)
         if rec is None:
             raise LookaheadKVError(f"{self.name} has no query rows: window and k are both 0; raise one of them")
-        return rec.mean()
+        out = rec.mean()
+        self._last = (pf.input_ids, pf.next_logits, out) if self.reuse_draft else None
+        return out
 
     def __post_init__(self) -> None:
         self._last: tuple | None = None
