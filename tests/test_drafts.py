@@ -1,6 +1,7 @@
 """LAQ and SpecKV (lookaheadkv.drafts) on tiny random-weight models, against direct references."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -234,3 +235,44 @@ def test_a_reused_draft_serves_clones_of_one_prefill_only(target):
     assert len(calls) == 1
     evict(target, prefill(target, prompt(70, 4), record_rows=8), m, 20)  # another prompt drafts anew
     assert len(calls) == 2
+
+
+def save_tiny(path, seed, prefix="t", layers=3):
+    """A tiny model directory with a word-level tokenizer ("t0".."t127"), loadable by load_model and the CLI."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"{prefix}{i}": i for i in range(128)}, unk_token=f"{prefix}0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=f"{prefix}0", eos_token=f"{prefix}2",
+                                   pad_token=f"{prefix}0")
+    model = tiny_model(layers=layers, seed=seed).float()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def test_cli_draft_model_option(tmp_path):
+    from click.testing import CliRunner
+
+    from lookaheadkv.cli import main
+
+    target_dir = save_tiny(tmp_path / "target", 0)
+    draft_dir = save_tiny(tmp_path / "draft", 7, layers=2)
+    other_dir = save_tiny(tmp_path / "other", 7, prefix="u")
+    ctx = tmp_path / "c.txt"
+    ctx.write_text(" ".join(f"t{i}" for i in prompt(80, 1)[0].tolist()))
+    base = ["generate", "--model", target_dir, "--context-file", str(ctx), "--question", "t5 t6", "--budget", "40",
+            "--window", "8", "--max-new-tokens", "4"]
+    res = CliRunner().invoke(main, base + ["--method", "speckv", "--draft-model", draft_dir, "--json"])
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.stdout)
+    assert obj["method"] == "speckv" and obj["kept_tokens"] == 40
+    assert {"eviction.draft_prefill", "eviction.draft_decode", "eviction.draft_rows"} <= set(obj["timings_s"])
+    for extra, match in [(["--method", "speckv", "--draft-model", other_dir], "different tokenizer"),
+                         (["--method", "speckv"], "needs a draft model"),
+                         (["--method", "snapkv", "--draft-model", draft_dir], "no option draft_model")]:
+        res = CliRunner().invoke(main, base + extra)
+        lines = [x for x in res.output.strip().splitlines() if x.strip()]
+        assert res.exit_code == 1 and len(lines) == 1 and match in lines[0], res.output
