@@ -71,8 +71,9 @@ def method_kwargs(window, keep_window, sinks, pooling, kernel, gqa) -> dict:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--draft-model", help="speckv: the draft model (same tokenizer as --model), named model or path")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--module", type=click.Path(file_okay=False), help="lookahead: module directory (default: shipped)")
 def generate(model, method, budget, window, keep_window, sinks, pooling, kernel, gqa, context_file, question,
-             max_new_tokens, temperature, top_p, seed, device, draft_model, as_json):
+             max_new_tokens, temperature, top_p, seed, device, draft_model, as_json, module):
     """Answer QUESTION about the text in --context-file with an evicted cache."""
     from .generate import generate as run
     from .models import load_model
@@ -82,7 +83,7 @@ def generate(model, method, budget, window, keep_window, sinks, pooling, kernel,
     context = context_file.read_text(encoding="utf-8", errors="replace")
     m, tok = load_model(model, device=device)
     ans = run(m, tok, context, question, method=method, budget=parse_budget(budget), max_new_tokens=max_new_tokens,
-              temperature=temperature, top_p=top_p, seed=seed, draft_model=draft_model,
+              temperature=temperature, top_p=top_p, seed=seed, draft_model=draft_model, module=module,
               **method_kwargs(window, keep_window, sinks, pooling, kernel, gqa))
     if as_json:
         click.echo(json.dumps(ans.to_dict()))
@@ -125,3 +126,8 @@ def demo(model, budget, methods, device):
     from .demo import run_demo
 
     run_demo(model, budget, methods.split(",") if methods else None, device)
+
+
+from .train import train_command  # noqa: E402  (lookaheadkv train)
+
+main.add_command(train_command)

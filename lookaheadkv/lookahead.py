@@ -150,14 +150,21 @@ def _inject(model, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
 def lora_rows(model, first_row: int = 0) -> Iterator[None]:
     """Switch the lookahead LoRA on for rows >= first_row of each forward (0: all rows), off again after."""
     layers = _lora_layers(model)
+    # PEFT's enable_adapters also flips requires_grad; keep whatever the caller (the trainer) set.
+    flags = [(p, p.requires_grad) for layer in layers for d in (layer.lora_A, layer.lora_B)
+             for p in d[ADAPTER].parameters()]
     token = _FIRST_ROW.set(first_row)
     for layer in layers:
         layer.enable_adapters(True)
+    for p, f in flags:
+        p.requires_grad_(f)
     try:
         yield
     finally:
         for layer in layers:
             layer.enable_adapters(False)
+        for p, f in flags:
+            p.requires_grad_(f)
         _FIRST_ROW.reset(token)
 
 
