@@ -106,10 +106,26 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_
     b, hq, r, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     q = query.float().view(b, hkv, hq // hkv, r, d)
-    logits = torch.einsum("bhgrd,bhkd->bhgrk", q, key.float()) * scaling
-    mask = storage_mask(key_valid, r, tk, first_row, device=query.device)  # [B|1, 1, R, Tk]
-    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
-    return logits.softmax(dim=-1).sum(dim=3).reshape(b, hq, tk)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        logits = torch.einsum("bhgrd,bhkd->bhgrk", q, key.float()) * scaling
+        mask = storage_mask(key_valid, r, tk, first_row, device=query.device)  # [B|1, 1, R, Tk]
+        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+        return logits.softmax(dim=-1).sum(dim=3).reshape(b, hq, tk)
+    # Inference: one [B*Hkv, G*R, Tk] fp32 buffer, worked on in place (the big tensor is the only memory
+    # traffic: written once, then read by max, exp, sum and the row-sum product).
+    logits = torch.bmm(q.reshape(b * hkv, -1, d), key.float().reshape(b * hkv, tk, d).transpose(1, 2))
+    logits = logits.mul_(scaling).view(b, hkv, hq // hkv, r, tk)
+    if key_valid is None:  # causal only: a row can be hidden just the keys after its own index
+        lo = first_row + 1
+        if lo < tk:
+            rows = torch.arange(first_row, first_row + r, device=query.device)[:, None]
+            logits[..., lo:].masked_fill_(torch.arange(lo, tk, device=query.device)[None, :] > rows, float("-inf"))
+    else:
+        mask = storage_mask(key_valid, r, tk, first_row, device=query.device)
+        logits.masked_fill_(~mask[:, :, None], float("-inf"))
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    inv = logits.sum(dim=-1, keepdim=True).reciprocal_()  # [.., R, 1]: each row's softmax normaliser
+    return torch.matmul(inv.transpose(-1, -2), logits).reshape(b, hq, tk)  # sum_r exp[r] / norm[r]
 
 
 def _record(rec: Recording, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

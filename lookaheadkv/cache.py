@@ -22,10 +22,12 @@ def kv_lengths(cache: DynamicCache) -> list[int]:
 
 
 def crop(cache: DynamicCache, length: int) -> None:
-    """Drop every entry past `length` (lookahead or draft tokens), keeping only the prompt."""
+    """Drop every entry past `length` (lookahead or draft tokens), keeping only the prompt. The layers become
+    views of their first `length` entries (no copy of the prompt): the few entries past them stay allocated
+    only until the next append or compaction, which write new tensors."""
     for layer in cache.layers:
-        layer.keys = layer.keys[..., :length, :].clone()
-        layer.values = layer.values[..., :length, :].clone()
+        layer.keys = layer.keys[..., :length, :]
+        layer.values = layer.values[..., :length, :]
 
 
 def compact(cache: DynamicCache, kept: list[torch.Tensor | None]) -> None:

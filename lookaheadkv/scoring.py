@@ -44,6 +44,10 @@ def reduce_gqa(scores: torch.Tensor, n_kv_heads: int, how: str) -> torch.Tensor:
 
 def score(attn: list[torch.Tensor], n_kv_heads: int, pooling: str, kernel: int, gqa: str) -> list[torch.Tensor]:
     """Per-layer query-head attention [B, Hq, L] -> per-layer KV-head scores [B, Hkv, L]."""
+    if len(attn) > 1 and len({tuple(a.shape) for a in attn}) == 1:  # all layers in one go (few kernel launches)
+        n, (b, hq, length) = len(attn), attn[0].shape
+        pooled = pool(torch.stack(attn), pooling, kernel).view(n * b, hq, length)
+        return list(reduce_gqa(pooled, n_kv_heads, gqa).view(n, b, n_kv_heads, length).unbind(0))
     return [reduce_gqa(pool(a, pooling, kernel), n_kv_heads, gqa) for a in attn]
 
 
@@ -85,17 +89,27 @@ def select(scores: list[torch.Tensor], budgets: list[int], valid: torch.Tensor, 
     valid [B, L]: real (non-pad) positions, never kept while real ones remain.
     forced [B, L] or None: positions always kept (window, sinks); they count inside the budget.
     """
-    kept: list[torch.Tensor | None] = []
-    for s, k in zip(scores, budgets):
+    todo = [i for i, (s, k) in enumerate(zip(scores, budgets)) if k < s.shape[-1]]
+    kept: list[torch.Tensor | None] = [None] * len(scores)
+    if not todo:
+        return kept
+    # Every evicting layer at once when their shapes agree (one sort instead of a Python loop of them).
+    groups = [todo] if len({tuple(scores[i].shape) for i in todo}) == 1 else [[i] for i in todo]
+    for group in groups:
+        s = torch.stack([scores[i] for i in group]).float()  # [n, B, Hkv, L]
         length = s.shape[-1]
-        if k >= length:
-            kept.append(None)
-            continue
-        s = s.float().masked_fill(~valid[:, None, :], float("-inf"))
+        s = s.masked_fill(~valid[None, :, None, :], float("-inf"))
         if forced is not None:
-            s = s.masked_fill(forced[:, None, :], float("inf"))
+            s = s.masked_fill(forced[None, :, None, :], float("inf"))
+        ks = [budgets[i] for i in group]
+        top = max(ks)
         # A stable sort breaks ties (max-pooling makes many) by position, so the same prompt selects the
         # same entries whether or not it sits in a left-padded batch.
-        idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-        kept.append(idx.sort(dim=-1).values)
+        idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :top]
+        if min(ks) < top:  # layers keeping fewer: their surplus slots sort last, then are cut off
+            k_of = torch.tensor(ks, device=idx.device)[:, None, None, None]
+            idx = idx.masked_fill(torch.arange(top, device=idx.device) >= k_of, length)
+        idx = idx.sort(dim=-1).values
+        for j, (i, k) in enumerate(zip(group, ks)):
+            kept[i] = idx[j, ..., :k]
     return kept

@@ -1,0 +1,454 @@
+"""The benchmark: per method and context length, time to first token split into stages and the eviction
+overhead against the full cache; decode speed on evicted, full and plain caches at several batch sizes;
+KV-cache bytes, peak device memory and the largest batch that fits a memory budget.
+
+Timing rules: device synchronisation around every host clock read (CUDA events for the short, purely device
+parts), warm-up runs that are thrown away, medians over repeats. The methods run in a rotating order inside
+each repeat, so each method's TTFT is paired with the full cache's TTFT of the same repeat: overhead is the
+median over repeats of (TTFT_method - TTFT_full) / TTFT_full. Because TTFT itself varies by ~2% between
+repeats at 32K, each eviction stage is also timed directly and summed ("overhead_stages").
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+from .. import attention
+from ..cache import kv_bytes
+from ..errors import LookaheadKVError
+from ..generate import evict
+from ..methods import Method, get_method
+from ..prefill import ExtraRows, Prefill, forward, prefill
+from . import shapes
+from .timing import Clock, median, peak_bytes, reset_peak, sync, time_calls
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class BenchConfig:
+    model: str = "tiny"  # a shape (random weights) from shapes.SHAPES, or a named model / path (real weights)
+    random_weights: bool = False  # for a named model: its config with random weights
+    device: str = "cpu"
+    dtype: str = "float32"
+    contexts: list[int] = field(default_factory=lambda: [2048])
+    methods: list[str] = field(default_factory=lambda: ["full", "snapkv", "pyramidkv"])  # "name:opt=v:..."
+    budget: int = 1024  # entries kept per layer and KV head in the TTFT runs
+    decode_context: int | None = None  # default: the largest context
+    decode_budgets: list[int] = field(default_factory=lambda: [256, 1024])
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8, 16])
+    decode_methods: list[str] = field(default_factory=lambda: ["snapkv", "pyramidkv", "lookahead"])
+    decode_steps: int = 16
+    repeats: int = 3
+    warmup: int = 1
+    new_tokens: int = 512  # answer length assumed when sizing the largest batch
+    memory_gib: float | None = None  # memory to fit batches into (default: the device's, or 80 GiB on a CPU)
+    draft_model: str = "llama-3.2-1b"  # SpecKV's draft: a shape (random weights, the target's vocabulary) or name
+    lookahead_n: int = 32  # rows of the random lookahead module built when the model has none
+    # Methods whose rows ride in the prefill (single-pass lookahead) also run as "<spec>/rows-only": the same
+    # extra rows without their adapter, so the paired difference shows what the adapter itself costs.
+    split_extra_rows: bool = True
+    seed: int = 0
+
+
+def storage_bytes(cache) -> int:
+    """Bytes of the distinct storages behind the cache tensors (what the cache really holds on to)."""
+    seen: dict[int, int] = {}
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    from ..recall import _value
+
+    name, *opts = spec.split(":")
+    options = {}
+    for o in opts:
+        if "=" not in o:
+            raise LookaheadKVError(f"method option {o!r} in {spec!r} is not key=value")
+        k, v = o.split("=", 1)
+        options[k] = _value(v)
+    return name, options
+
+
+def _load_method_modules() -> None:
+    """Methods that live in their own modules register themselves on import."""
+    import importlib
+
+    for mod in ("lookahead", "drafts"):
+        try:
+            importlib.import_module(f"..{mod}", __package__)
+        except ImportError:
+            pass
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig):
+        self.cfg = cfg
+        _load_method_modules()
+        if cfg.dtype not in DTYPES:
+            raise LookaheadKVError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise LookaheadKVError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+        self.device = torch.device(cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
+        self.model, self.note = shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights)
+        self.notes: list[str] = [self.note]
+        self.methods = {spec: self._method(spec) for spec in cfg.methods}
+        if "full" not in self.methods:
+            self.methods = {"full": get_method("full"), **self.methods}
+        for spec, m in list(self.methods.items()):
+            if cfg.split_extra_rows and m.evicts and m.prefill_extra(self.model) is not None:
+                self.methods[f"{spec}/rows-only"] = _rows_only(self.model, m)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _method(self, spec: str) -> Method:
+        name, options = parse_spec(spec)
+        if name == "speckv" and isinstance(options.get("draft_model", self.cfg.draft_model), str):
+            draft = options.get("draft_model", self.cfg.draft_model)
+            dm, note = shapes.build(draft, self.cfg.device, self.dtype, self.cfg.random_weights,
+                                    vocab_size=self.model.config.vocab_size)
+            self.notes.append(f"speckv draft model {draft}: {note}")
+            options["draft_model"] = dm
+        if name == "lookahead" and "module" not in options:
+            self._lookahead_module()
+        return get_method(name, **options)
+
+    def _lookahead_module(self) -> None:
+        from .. import lookahead
+
+        if getattr(self.model, "_lookahead_module", None) is not None:
+            return
+        if self.note == shapes.RANDOM_NOTE:
+            lookahead.create(self.model, n=self.cfg.lookahead_n)
+            self.notes.append(f"lookahead: a randomly initialised module (n={self.cfg.lookahead_n}; it times exactly "
+                              "like a trained one)")
+            return
+        try:
+            lookahead.use_module(self.model)
+            self.notes.append("lookahead: the shipped module")
+        except LookaheadKVError:
+            lookahead.create(self.model, n=self.cfg.lookahead_n)
+            self.notes.append(f"lookahead: no module shipped for this model; a randomly initialised one "
+                              f"(n={self.cfg.lookahead_n}) times exactly like a trained one")
+
+    def _ids(self, batch: int, length: int) -> torch.Tensor:
+        vocab = self.model.config.vocab_size
+        return torch.randint(0, vocab, (batch, length), generator=self.gen).to(self.device)
+
+    # ------------------------------------------------------------------------------------------ TTFT
+
+    def _ttft_once(self, m: Method, ids: torch.Tensor) -> dict:
+        """One time-to-first-token run: prefill, then (evicting methods) glimpse, score, select, compact."""
+        glimpse_s = []
+        if m.evicts:
+            inner = type(m).glimpse.__get__(m)
+
+            def glimpse(model, pf):  # timed on its own (the instance attribute shadows the method)
+                c = Clock(self.device)
+                out = inner(model, pf)
+                glimpse_s.append(c.lap())
+                return out
+
+            m.glimpse = glimpse
+        reset_peak(self.device)
+        clock = Clock(self.device)
+        try:
+            pf = prefill(self.model, ids, record_rows=m.prefill_rows() if m.evicts else 0,
+                         extra=m.prefill_extra(self.model) if m.evicts else None)
+            t_prefill = clock.lap()
+            full_bytes = kv_bytes(pf.cache)
+            stages = {"prefill": t_prefill}
+            kept = full_bytes
+            if m.evicts:
+                ev = evict(self.model, pf, m, self.cfg.budget)
+                t_evict = clock.lap()
+                own = {k: v for k, v in ev.parts.items() if k not in ("score", "select", "compact")}
+                g = sum(glimpse_s)
+                stages["glimpse"] = max(0.0, g - sum(own.values()))  # the glimpse apart from its named parts
+                stages.update(own)
+                stages["score"] = ev.parts.get("score", 0.0) + sum(own.values()) - g
+                stages["select"] = ev.parts.get("select", 0.0)
+                stages["compact"] = ev.parts.get("compact", 0.0)
+                stages["other"] = t_evict - sum(ev.parts.values())  # bookkeeping outside the named parts
+                kept = kv_bytes(pf.cache)
+                ttft = t_prefill + t_evict
+            else:
+                ttft = t_prefill
+            return {"ttft": ttft, "stages": stages, "kv_bytes_full": full_bytes, "kv_bytes_kept": kept,
+                    "storage_bytes": storage_bytes(pf.cache), "kept_tokens": sum(_lengths(pf)) / len(_lengths(pf)),
+                    "peak_bytes": peak_bytes(self.device)}
+        finally:
+            if m.evicts:
+                del m.glimpse
+
+    def _record_direct(self, m: Method, length: int) -> float:
+        """Seconds the in-prefill recording of this method's rows costs over all layers, timed directly on
+        query and key tensors of the model's shapes (the recording is otherwise hidden inside the prefill)."""
+        rows = m.prefill_rows() if m.evicts else 0
+        extra = m.prefill_extra(self.model) if m.evicts else None
+        if extra is not None:
+            rows = extra.embeds.shape[1]
+        if rows == 0:
+            return 0.0
+        rows = length if rows < 0 else rows
+        cfg = self.model.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        q = torch.randn(1, cfg.num_attention_heads, rows, d, generator=self.gen).to(self.device, self.dtype)
+        k = torch.randn(1, cfg.num_key_value_heads, length + (rows if extra is not None else 0), d,
+                        generator=self.gen).to(self.device, self.dtype)
+        layer = SimpleNamespace(layer_idx=0)
+
+        def all_layers():
+            rec = attention.Recording(rows=rows, columns=length if extra is not None else None)
+            for _ in range(cfg.num_hidden_layers):
+                attention._record(rec, layer, q, k, d**-0.5, None)
+
+        return median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))
+
+    def _adapter_direct(self, m: Method, length: int) -> float:
+        """Seconds the lookahead adapter adds to a single-pass prefill of `length` prompt rows + its n rows:
+        each LoRA-wrapped projection of the model is timed on [1, length + n, in] inputs with the adapter on
+        (masked to the last n rows, as in the prefill) and off; the difference is summed over all of them."""
+        extra = m.prefill_extra(self.model)
+        if extra is None or m.name != "lookahead" or getattr(m, "rows_only", False):
+            return 0.0
+        from .. import lookahead
+
+        layers = lookahead._lora_layers(self.model)
+        groups: dict[tuple, list] = {}
+        for layer in layers:
+            base = layer.get_base_layer()
+            groups.setdefault((base.in_features, base.out_features), []).append(layer)
+        n = extra.embeds.shape[1]
+        total = 0.0
+        for (fan_in, _), members in groups.items():
+            x = torch.randn(1, length + n, fan_in, generator=self.gen).to(self.device, self.dtype)
+
+            def on(layer=members[0], x=x):
+                with lookahead.lora_rows(self.model, length):
+                    layer(x)
+
+            def off(layer=members[0], x=x):
+                layer(x)
+
+            with torch.no_grad():
+                t_on = median(time_calls(on, self.device, self.cfg.repeats, warmup=1))
+                t_off = median(time_calls(off, self.device, self.cfg.repeats, warmup=1))
+            total += (t_on - t_off) * len(members)
+        return total
+
+    def ttft(self, bar: tqdm) -> list[dict]:
+        out = []
+        labels = list(self.methods)
+        for length in self.cfg.contexts:
+            ids = self._ids(1, length)
+            runs: dict[str, list[dict]] = {label: [] for label in labels}
+            for r in range(self.cfg.warmup + self.cfg.repeats):
+                order = labels[r % len(labels):] + labels[: r % len(labels)]
+                for label in order:
+                    bar.set_postfix_str(f"TTFT {label} @ {length}")
+                    run = self._ttft_once(self.methods[label], ids)
+                    if r >= self.cfg.warmup:
+                        runs[label].append(run)
+                    bar.update()
+            full = runs["full"]
+            for label in labels:
+                rs = runs[label]
+                overhead = [(a["ttft"] - f["ttft"]) / f["ttft"] for a, f in zip(rs, full)]
+                stages = {k: median([x["stages"].get(k, 0.0) for x in rs]) for k in rs[0]["stages"]}
+                m = self.methods[label]
+                record = self._record_direct(m, length)
+                extra = m.evicts and m.prefill_extra(self.model) is not None
+                prefill_delta = median([a["stages"]["prefill"] - f["stages"]["prefill"] for a, f in zip(rs, full)])
+                after = sum(v for k, v in stages.items() if k != "prefill")
+                ttft_full = median([f["ttft"] for f in full])
+                adapter = self._adapter_direct(m, length) if extra else 0.0
+                # Extra rows in the prefill: recording + adapter (timed directly) + the rows' share of the
+                # prefill's work (n / L of it, an estimate: the rows add n to every matrix product's L).
+                rows_share = m.prefill_extra(self.model).embeds.shape[1] / length * median(
+                    [f["stages"]["prefill"] for f in full]) if extra else 0.0
+                in_prefill = record + adapter + rows_share
+                out.append({
+                    "context": length, "method": label, "budget": self.cfg.budget if m.evicts else length,
+                    "ttft_s": median([x["ttft"] for x in rs]), "ttft_full_s": ttft_full,
+                    "overhead": median(overhead) if m.evicts else 0.0,
+                    "overhead_stages": (in_prefill + after) / ttft_full if m.evicts else 0.0,
+                    "stages_s": {**stages, "prefill_delta": prefill_delta, "record": record,
+                                 **({"adapter": adapter, "extra_rows_share": rows_share} if extra else {})},
+                    "kv_bytes_full": rs[0]["kv_bytes_full"], "kv_bytes_kept": rs[0]["kv_bytes_kept"],
+                    "storage_bytes": rs[0]["storage_bytes"], "kept_tokens": rs[0]["kept_tokens"],
+                    "peak_bytes": max((x["peak_bytes"] or 0) for x in rs) or None,
+                    "ttft_runs_s": [x["ttft"] for x in rs], "overhead_runs": overhead,
+                })
+            del ids
+        return out
+
+    # ------------------------------------------------------------------------------------------ decode
+
+    def _caches(self, length: int) -> dict[str, tuple[Prefill, int]]:
+        """label -> (prefill with the cache to decode from, position of the next token)."""
+        ids = self._ids(1, length)
+        out = {"full": (prefill(self.model, ids), length)}
+        for spec in self.cfg.decode_methods:
+            if spec not in self.methods or not self.methods[spec].evicts:
+                continue
+            m = self.methods[spec]
+            base = prefill(self.model, ids, record_rows=m.prefill_rows(), extra=m.prefill_extra(self.model))
+            for b in self.cfg.decode_budgets:
+                if b >= length:
+                    continue
+                pf = base.clone()
+                evict(self.model, pf, m, b)
+                out[f"{spec}@{b}"] = (pf, length)
+            del base
+        for b in self.cfg.decode_budgets:
+            if b < length:
+                out[f"plain@{b}"] = (prefill(self.model, self._ids(1, b)), b)
+        return out
+
+    def _decode_steps(self, pf: Prefill, position: int, batch: int) -> dict:
+        cache = copy.deepcopy(pf.cache)
+        if batch > 1:
+            for layer in cache.layers:
+                layer.keys = layer.keys.repeat(batch, 1, 1, 1)
+                layer.values = layer.values.repeat(batch, 1, 1, 1)
+        held = kv_bytes(cache)
+        tokens = self._ids(batch, self.cfg.decode_steps + 2)
+        reset_peak(self.device)
+        step = {"i": 0}
+
+        def one():
+            i = step["i"]
+            pos = torch.full((batch, 1), position + i, device=self.device)
+            forward(self.model, cache, pos, input_ids=tokens[:, i: i + 1])
+            step["i"] += 1
+
+        with torch.no_grad():
+            times = time_calls(one, self.device, self.cfg.decode_steps, warmup=2)
+        peak = peak_bytes(self.device)
+        s = median(times)
+        return {"step_s": s, "tokens_per_s": batch / s, "kv_bytes": held, "peak_bytes": peak, "steps_s": times}
+
+    def decode(self, bar: tqdm) -> list[dict]:
+        length = self.cfg.decode_context or max(self.cfg.contexts)
+        bar.set_postfix_str(f"decode caches @ {length}")
+        caches = self._caches(length)
+        out = []
+        for batch in self.cfg.decode_batches:
+            for label, (pf, position) in caches.items():
+                bar.set_postfix_str(f"decode {label} batch {batch}")
+                row = self._decode_steps(pf, position, batch)
+                lengths = _lengths(pf)
+                out.append({"context": length, "batch": batch, "cache": label,
+                            "kept_tokens": sum(lengths) / len(lengths), **row})
+                bar.update()
+        del caches
+        return out
+
+    # ------------------------------------------------------------------------------------------ capacity
+
+    def capacity(self, ttft: list[dict], decode: list[dict]) -> dict:
+        """Largest batch that fits: (memory - weights - workspace) // bytes one sequence's cache needs at the
+        end of a `new_tokens` answer, from the measured KV bytes per token (full) or kept bytes (evicted)."""
+        if self.cfg.memory_gib is not None:
+            memory, source = int(self.cfg.memory_gib * 2**30), "given"
+        elif self.device.type == "cuda":
+            memory, source = torch.cuda.get_device_properties(self.device).total_memory, "device total"
+        else:
+            memory, source = 80 * 2**30, "a hypothetical 80 GiB accelerator"
+        weights = shapes.weight_bytes(self.model)
+        if not decode:
+            return {}
+        length = decode[0]["context"]
+        full_b1 = next(d for d in decode if d["cache"] == "full" and d["batch"] == decode[0]["batch"])
+        per_token = full_b1["kv_bytes"] / (full_b1["batch"] * length)
+        workspace = 0
+        if full_b1["peak_bytes"] is not None:
+            workspace = max(0, full_b1["peak_bytes"] - weights - full_b1["kv_bytes"])
+        free = memory - weights - workspace
+        new = self.cfg.new_tokens
+        rows = {}
+        for d in decode:
+            if d["batch"] != full_b1["batch"]:
+                continue
+            per_seq = d["kv_bytes"] / d["batch"] + per_token * new
+            rows[d["cache"]] = {"bytes_per_sequence": per_seq, "max_batch": max(0, math.floor(free / per_seq))}
+        return {"memory_bytes": memory, "memory_source": source, "weights_bytes": weights,
+                "workspace_bytes": workspace, "context": length, "new_tokens": new,
+                "kv_bytes_per_token": per_token, "caches": rows}
+
+    # ------------------------------------------------------------------------------------------ all
+
+    def run(self) -> dict:
+        n_ttft = len(self.cfg.contexts) * (self.cfg.warmup + self.cfg.repeats) * len(self.methods)
+        n_caches = 1 + len(self.cfg.decode_budgets) * (1 + sum(s in self.methods for s in self.cfg.decode_methods))
+        total = n_ttft + len(self.cfg.decode_batches) * n_caches
+        with tqdm(total=total, desc="bench", unit="run") as bar:
+            ttft = self.ttft(bar)
+            decode = self.decode(bar) if self.cfg.decode_batches else []
+        return {"meta": self.meta(), "ttft": ttft, "decode": decode, "capacity": self.capacity(ttft, decode)}
+
+    def meta(self) -> dict:
+        import transformers
+
+        c = self.model.config
+        return {
+            "model": self.cfg.model, "weights": self.note, "notes": self.notes, "config": asdict(self.cfg),
+            "shape": {k: getattr(c, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size",
+                                                       "num_attention_heads", "num_key_value_heads", "head_dim",
+                                                       "vocab_size")},
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
+            or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "weights_bytes": shapes.weight_bytes(self.model),
+        }
+
+
+def _rows_only(model, m: Method) -> Method:
+    """A copy of m whose extra prefill rows run without the context that switches their adapter on."""
+    import contextlib
+
+    twin = copy.copy(m)
+    twin.rows_only = True
+    extra = m.prefill_extra(model)
+    twin.prefill_extra = lambda model: ExtraRows(extra.embeds, lambda first: contextlib.nullcontext())
+    return twin
+
+
+def _lengths(pf: Prefill) -> list[int]:
+    return [layer.keys.shape[-2] for layer in pf.cache.layers]
+
+
+def run_bench(cfg: BenchConfig, out: str | Path | None = None, plots: bool = True) -> dict:
+    """Run the benchmark; with `out`, write bench.json (+ the PNG plots and a markdown table) there."""
+    from .report import check_targets, markdown
+
+    result = Bench(cfg).run()
+    result["targets"] = check_targets(result)
+    sync(cfg.device)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "bench.md").write_text(markdown(result) + "\n")
+        if plots:
+            from .plots import plot_all
+
+            plot_all(result, out)
+    return result

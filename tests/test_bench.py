@@ -1,0 +1,136 @@
+"""The benchmark (lookaheadkv.bench) end to end on a tiny model, its byte accounting, and the fast scoring paths
+against the plain formulas they replace."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from lookaheadkv import attention, scoring
+from lookaheadkv.bench import BenchConfig, run_bench
+from lookaheadkv.bench.runner import Bench, storage_bytes
+from lookaheadkv.cli import main
+
+TINY = dict(model="tiny", contexts=[40, 56], methods=["full", "snapkv:window=8", "pyramidkv:window=8"], budget=16,
+            decode_budgets=[16], decode_batches=[1, 3], decode_methods=["snapkv:window=8"], decode_steps=2,
+            repeats=1, warmup=0, new_tokens=10, memory_gib=0.001)
+
+
+def tensor_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    res = run_bench(BenchConfig(**TINY), out)
+    return res, out
+
+
+def test_bench_writes_a_complete_results_file(result):
+    res, out = result
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["meta"]["weights"].startswith("random weights: speed does not depend on weight values")
+    assert {(r["context"], r["method"]) for r in saved["ttft"]} == {
+        (c, m) for c in TINY["contexts"] for m in TINY["methods"]}
+    cfg = res["meta"]["shape"]
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 16 * 4  # K and V, head_dim 16, fp32
+    for r in saved["ttft"]:
+        assert r["kv_bytes_full"] == per_token * r["context"]
+        assert all(math.isfinite(x) and x > 0 for x in r["ttft_runs_s"])
+        if r["method"] != "full":
+            assert r["kv_bytes_kept"] == per_token * 16  # the budget's share, pyramid included (mean 16)
+            assert {"prefill", "glimpse", "score", "select", "compact", "record"} <= set(r["stages_s"])
+            assert r["overhead_runs"][0] == pytest.approx((r["ttft_s"] - r["ttft_full_s"]) / r["ttft_full_s"])
+    caches = {"full", "snapkv:window=8@16", "plain@16"}
+    assert {(d["batch"], d["cache"]) for d in saved["decode"]} == {(b, c) for b in (1, 3) for c in caches}
+    for d in saved["decode"]:
+        length = 56 if d["cache"] == "full" else 16
+        assert d["kv_bytes"] == d["batch"] * per_token * length
+        assert d["tokens_per_s"] == pytest.approx(d["batch"] / d["step_s"])
+    cap = saved["capacity"]
+    assert cap["kv_bytes_per_token"] == per_token
+    free = cap["memory_bytes"] - cap["weights_bytes"] - cap["workspace_bytes"]
+    for c in cap["caches"].values():
+        assert c["max_batch"] == max(0, math.floor(free / c["bytes_per_sequence"]))
+    assert cap["caches"]["full"]["max_batch"] < cap["caches"]["snapkv:window=8@16"]["max_batch"]
+    share = [t for t in saved["targets"] if "KV bytes kept" in t["target"]]
+    assert share and all(t["met"] for t in share)
+    for name in ("bench.md", "overhead.png", "decode.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_reported_kv_bytes_are_the_cache_tensors_sizes():
+    bench = Bench(BenchConfig(**{**TINY, "contexts": [48]}))
+    ids = bench._ids(1, 48)
+    for m in bench.methods.values():
+        run = bench._ttft_once(m, ids)
+        assert run["kv_bytes_full"] == 2 * 3 * 2 * 48 * 16 * 4
+        assert run["kv_bytes_kept"] == run["storage_bytes"]  # compaction leaves no larger storage behind
+    pf = bench._caches(48)["snapkv:window=8@16"][0]
+    assert tensor_bytes(pf.cache) == storage_bytes(pf.cache) == 2 * 3 * 2 * 16 * 16 * 4
+
+
+def test_cli_bench_and_its_errors(tmp_path):
+    ok = CliRunner().invoke(main, ["bench", "--model", "tiny", "--contexts", "32", "--methods", "full,snapkv:window=4",
+                                   "--budget", "8", "--decode-batches", "", "--repeats", "1", "--warmup", "0",
+                                   "--out", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "bench.json").read_text())["ttft"][1]["kv_bytes_kept"] > 0
+    bad = CliRunner().invoke(main, ["bench", "--model", "gpt-17", "--out", str(tmp_path)])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "unknown model" in bad.output
+    bad = CliRunner().invoke(main, ["bench", "--model", "tiny", "--contexts", "8k", "--out", str(tmp_path)])
+    assert bad.exit_code == 1 and "--contexts" in bad.output
+
+
+def plain_row_attention(query, key, scaling, first_row, key_valid):
+    """The formula the fast path replaces, in float64."""
+    b, hq, r, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    logits = torch.einsum("bhgrd,bhkd->bhgrk", query.double().view(b, hkv, hq // hkv, r, d), key.double()) * scaling
+    mask = attention.storage_mask(key_valid, r, tk, first_row, device=query.device)
+    return logits.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1).sum(3).reshape(b, hq, tk)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_row_attention_equals_the_plain_formula(padded):
+    g = torch.Generator().manual_seed(5)
+    for b, hq, hkv, r, tk, first in [(1, 8, 2, 5, 40, 35), (2, 6, 3, 4, 50, 20), (2, 4, 4, 6, 6, 0)]:
+        q, k = torch.randn(b, hq, r, 16, generator=g), torch.randn(b, hkv, tk, 16, generator=g)
+        valid = None
+        if padded:
+            valid = torch.ones(b, tk, dtype=torch.bool)
+            valid[-1, : tk // 3] = False
+        ref = plain_row_attention(q, k, 0.3, first, valid)
+        fast = attention.row_attention(q, k, 0.3, first, valid)
+        graph = attention.row_attention(q.clone().requires_grad_(), k, 0.3, first, valid)  # training path
+        assert fast.dtype == torch.float32 and graph.requires_grad
+        assert torch.allclose(fast.double(), ref, atol=1e-6) and torch.allclose(graph.double(), ref, atol=1e-6)
+
+
+def test_batched_score_and_select_equal_the_per_layer_formulas():
+    g = torch.Generator().manual_seed(6)
+    for trial in range(40):
+        n, b, length = 4, 2, int(torch.randint(10, 60, (1,), generator=g))
+        attn = [torch.rand(b, 4, length, generator=g).round(decimals=1) for _ in range(n)]  # many ties
+        scores = scoring.score(attn, 2, "max", 5, "mean")
+        for a, s in zip(attn, scores):
+            assert torch.equal(s, F.max_pool1d(a, 5, stride=1, padding=2).view(b, 2, 2, length).mean(2))
+        valid = torch.ones(b, length, dtype=torch.bool)
+        valid[1, :3] = False
+        forced = torch.zeros_like(valid)
+        forced[:, -2:] = True
+        budgets = [int(x) for x in torch.randint(2, length + 2, (n,), generator=g)]
+        kept = scoring.select(scores, budgets, valid, forced if trial % 2 else None)
+        for s, k, got in zip(scores, budgets, kept):
+            if k >= length:
+                assert got is None
+                continue
+            s = s.masked_fill(~valid[:, None], float("-inf"))
+            if trial % 2:
+                s = s.masked_fill(forced[:, None], float("inf"))
+            ref = s.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
+            assert torch.equal(got, ref)
