@@ -37,18 +37,18 @@ def check_targets(result: dict) -> list[dict]:
         out.append(item)
 
     for label, row in at.items():
-        if _name(label) in ("snapkv", "pyramidkv", "lookahead") and not label.endswith("/rows-only"):
+        if _name(label) in ("snapkv", "pyramidkv", "lookahead") and "/rows-only" not in label:
             add(f"{label} overhead <= 1% of full TTFT", row["overhead_stages"], 0.01, row["overhead_stages"] <= 0.01,
                 row)
-    look = next((r for lbl, r in at.items() if lbl == "lookahead"), None) or \
-        next((r for lbl, r in at.items() if _name(lbl) == "lookahead"), None)
     laq = next((r for lbl, r in at.items() if _name(lbl) == "laq"), None)
-    if look is not None and laq is not None and look["overhead_stages"] > 0:
-        ratio = laq["overhead_stages"] / look["overhead_stages"]
-        add(f"{laq['method']} overhead / {look['method']} overhead >= 20", ratio, 20.0, ratio >= 20, None,
-            laq_where=_where(laq), lookahead_where=_where(look))
+    for label in ("lookahead", "lookahead/rows-lora"):
+        look = at.get(label)
+        if look is not None and laq is not None and look["overhead_stages"] > 0:
+            ratio = laq["overhead_stages"] / look["overhead_stages"]
+            add(f"{laq['method']} overhead / {label} overhead >= 20", ratio, 20.0, ratio >= 20, None,
+                laq_where=_where(laq), lookahead_where=_where(look))
     for label, row in at.items():
-        if row["budget"] < row["context"] and not label.endswith("/rows-only"):
+        if row["budget"] < row["context"] and "/rows-" not in label:
             share = row["kept_tokens"] / row["context"]
             got = row["kv_bytes_kept"] / row["kv_bytes_full"]
             add(f"{label} KV bytes kept = budget's share of the prompt", got, share, abs(got - share) < 1e-9)

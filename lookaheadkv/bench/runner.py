@@ -11,11 +11,13 @@ repeats at 32K, each eviction stage is also timed directly and summed ("overhead
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
 import math
 import platform
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,7 +58,8 @@ class BenchConfig:
     draft_model: str = "llama-3.2-1b"  # SpecKV's draft: a shape (random weights, the target's vocabulary) or name
     lookahead_n: int = 32  # rows of the random lookahead module built when the model has none
     # Methods whose rows ride in the prefill (single-pass lookahead) also run as "<spec>/rows-only": the same
-    # extra rows without their adapter, so the paired difference shows what the adapter itself costs.
+    # extra rows without their adapter, so the paired difference shows what the adapter itself costs; and
+    # lookahead as "<spec>/rows-lora": its adapter computed on its own rows only (see rows_lora).
     split_extra_rows: bool = True
     seed: int = 0
 
@@ -113,6 +116,8 @@ class Bench:
         for spec, m in list(self.methods.items()):
             if cfg.split_extra_rows and m.evicts and m.prefill_extra(self.model) is not None:
                 self.methods[f"{spec}/rows-only"] = _rows_only(self.model, m)
+                if m.name == "lookahead":
+                    self.methods[f"{spec}/rows-lora"] = _rows_lora(self.model, m)
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     # ------------------------------------------------------------------------------------------ setup
@@ -222,17 +227,17 @@ class Bench:
         return median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))
 
     def _adapter_direct(self, m: Method, length: int) -> float:
-        """Seconds the lookahead adapter adds to a single-pass prefill of `length` prompt rows + its n rows:
-        each LoRA-wrapped projection of the model is timed on [1, length + n, in] inputs with the adapter on
-        (masked to the last n rows, as in the prefill) and off; the difference is summed over all of them."""
+        """Seconds the adapter of a single-pass method's extra rows adds to its prefill of `length` prompt rows
+        + n rows: each LoRA-wrapped projection of the model is timed on [1, length + n, in] inputs inside the
+        rows' own context (ExtraRows.active: adapter on for the last n rows) and outside it; the difference
+        is summed over all projections."""
         extra = m.prefill_extra(self.model)
-        if extra is None or m.name != "lookahead" or getattr(m, "rows_only", False):
+        if extra is None:
             return 0.0
         from .. import lookahead
 
-        layers = lookahead._lora_layers(self.model)
         groups: dict[tuple, list] = {}
-        for layer in layers:
+        for layer in lookahead._lora_layers(self.model):
             base = layer.get_base_layer()
             groups.setdefault((base.in_features, base.out_features), []).append(layer)
         n = extra.embeds.shape[1]
@@ -241,7 +246,7 @@ class Bench:
             x = torch.randn(1, length + n, fan_in, generator=self.gen).to(self.device, self.dtype)
 
             def on(layer=members[0], x=x):
-                with lookahead.lora_rows(self.model, length):
+                with extra.active(length):
                     layer(x)
 
             def off(layer=members[0], x=x):
@@ -425,9 +430,38 @@ def _rows_only(model, m: Method) -> Method:
     import contextlib
 
     twin = copy.copy(m)
-    twin.rows_only = True
     extra = m.prefill_extra(model)
     twin.prefill_extra = lambda model: ExtraRows(extra.embeds, lambda first: contextlib.nullcontext())
+    return twin
+
+
+@contextlib.contextmanager
+def rows_lora(model, first: int) -> Iterator[None]:
+    """The lookahead LoRA added to rows >= first only, computed on those rows alone (a proposal for
+    lookahead.py, timed here as "<spec>/rows-lora"): PEFT's own path runs the adapter on every row and masks
+    the prompt rows afterwards, so its cost grows with the prompt. Same arithmetic as PEFT on the kept rows:
+    fp32 adapter output added to the fp32 base output, rounded once."""
+    from .. import lookahead
+
+    def hook(layer, args, output):
+        a, b = layer.lora_A[lookahead.ADAPTER], layer.lora_B[lookahead.ADAPTER]
+        x = args[0][..., first:, :]
+        delta = b(a(x.to(a.weight.dtype))) * layer.scaling[lookahead.ADAPTER]
+        output[..., first:, :] = (output[..., first:, :] + delta).to(output.dtype)  # promoted, as in PEFT
+        return output
+
+    handles = [layer.register_forward_hook(hook) for layer in lookahead._lora_layers(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rows_lora(model, m: Method) -> Method:
+    twin = copy.copy(m)
+    extra = m.prefill_extra(model)
+    twin.prefill_extra = lambda model: ExtraRows(extra.embeds, lambda first: rows_lora(model, first))
     return twin
 
 
