@@ -286,6 +286,14 @@ def summarize(rows: Iterable[dict], metric: str = "recall") -> str:
     return "\n".join(lines)
 
 
+def complete_samples(rows: list[dict]) -> list[dict]:
+    """The rows of the samples that every method x budget reached (a stopped run leaves its last one partial)."""
+    per: Counter = Counter(r["sample"] for r in rows if r.get("kind") == "method")
+    full = max(per.values(), default=0)
+    done = {s for s, n in per.items() if n == full}
+    return [r for r in rows if r["sample"] in done]
+
+
 def paired_summary(rows: Iterable[dict], baseline: str, metric: str = "recall") -> str:
     """A Markdown table of each method's per-sample difference to `baseline` (same sample and budget):
     mean ± 95% CI. Pairing removes the sample-to-sample spread that the plain table's intervals carry."""
@@ -316,19 +324,20 @@ def paired_summary(rows: Iterable[dict], baseline: str, metric: str = "recall") 
 
 
 def timing_summary(rows: Iterable[dict]) -> str:
-    """Mean eviction seconds per method label and its parts (means over all its evictions; a part that an
-    eviction did not run counts as 0)."""
+    """Mean eviction seconds per method label, and each part's mean over the evictions that ran it (with
+    reuse_draft only a sample's first eviction drafts; "(n)" says how many did)."""
     sec: dict[str, list[float]] = defaultdict(list)
-    parts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("kind") == "method":
             sec[r["method"]].append(r["eviction_s"])
             for k, v in (r.get("parts") or {}).items():
-                parts[r["method"]][k] += v
-    lines = ["| method | eviction s (mean) | parts (mean s) |", "|---|---|---|"]
+                parts[r["method"]][k].append(v)
+    lines = ["| method | evictions | eviction s (mean) | parts: mean s over the evictions that ran them (n) |",
+             "|---|---|---|---|"]
     for label, v in sec.items():
-        p = ", ".join(f"{k} {x / len(v):.3f}" for k, x in parts[label].items())
-        lines.append(f"| {label} | {sum(v) / len(v):.3f} | {p} |")
+        p = ", ".join(f"{k} {sum(x) / len(x):.3f} ({len(x)})" for k, x in parts[label].items())
+        lines.append(f"| {label} | {len(v)} | {sum(v) / len(v):.3f} | {p} |")
     return "\n".join(lines)
 
 
@@ -386,8 +395,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows_path = out / "rows.jsonl"
         if not rows_path.exists():
             raise SystemExit(f"error: {rows_path} does not exist")
-        rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        _report(rows, out, a.baselines, f"rows of {rows_path} ({sum(r['kind'] == 'sample' for r in rows)} samples)")
+        rows = complete_samples([json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()
+                                 if line.strip()])
+        _report(rows, out, a.baselines, f"{rows_path}: {sum(r['kind'] == 'sample' for r in rows)} complete samples")
         return
     if a.threads > 0:
         torch.set_num_threads(a.threads)
