@@ -1,7 +1,17 @@
-"""`python -m lookaheadkv.bench ...`: the same as `lookaheadkv bench ...` (for machines without the entry point)."""
+"""`python -m lookaheadkv.bench ...`: the same as `lookaheadkv bench ...`, with one-line errors."""
 
 import sys
 
-from ..cli import main
+import click
 
-main(args=["bench", *sys.argv[1:]], prog_name="lookaheadkv")
+from ..errors import LookaheadKVError
+from .command import bench
+
+try:
+    bench.main(args=sys.argv[1:], prog_name="lookaheadkv bench", standalone_mode=False)
+except LookaheadKVError as e:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(1)
+except click.ClickException as e:
+    e.show()
+    sys.exit(e.exit_code)
