@@ -11,8 +11,9 @@ only in who writes the draft:
   tokenizer, greedily, from the same prompt ids.
 
 Decoding then starts from the full prefill's logits, as if no draft had happened. The extra cost shows in
-Eviction.parts: "draft_compress" (LAQ's SnapKV copy), "draft_prefill" (SpecKV's draft-model prefill),
-"draft_decode" (the k greedy steps) and "draft_rows" (the target's pass over the draft).
+Eviction.parts: "draft_compress" (LAQ's SnapKV copy), "draft_prefill" (SpecKV's draft-model prefill; a
+named draft model's one-time load shows as "draft_load"), "draft_decode" (the k greedy steps) and
+"draft_rows" (the target's pass over the draft).
 
 A drafted token that is EOS ends a single sequence's draft (the answer would end there). In a batch, all
 sequences draft exactly k tokens, so rows stay aligned (a sequence that ended early drafts on past its EOS).
@@ -165,7 +166,8 @@ class SpecKV(Drafted):
         p = next(model.parameters())
         dm = self.draft_model
         if isinstance(dm, (str, Path)):
-            dm = _load_draft(str(dm), str(p.device), p.dtype)
+            with timed("draft_load"):  # once per process; kept apart so it never passes for scoring time
+                dm = _load_draft(str(dm), str(p.device), p.dtype)
         check_same_vocabulary(model, dm)
         return dm
 
