@@ -400,12 +400,18 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------ all
 
-    def run(self) -> dict:
+    def run(self, checkpoint: Path | None = None) -> dict:
+        """Every measurement; with `checkpoint`, the TTFT results are written there before decoding starts
+        (a run cut short still leaves them)."""
         n_ttft = len(self.cfg.contexts) * (self.cfg.warmup + self.cfg.repeats) * len(self.methods)
         n_caches = 1 + len(self.cfg.decode_budgets) * (1 + sum(s in self.methods for s in self.cfg.decode_methods))
         total = n_ttft + len(self.cfg.decode_batches) * n_caches
         with tqdm(total=total, desc="bench", unit="run") as bar:
             ttft = self.ttft(bar)
+            if checkpoint is not None:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                checkpoint.write_text(json.dumps({"meta": self.meta(), "ttft": ttft, "decode": [], "capacity": {},
+                                                  "partial": "decode runs not finished"}, indent=1) + "\n")
             decode = self.decode(bar) if self.cfg.decode_batches else []
         return {"meta": self.meta(), "ttft": ttft, "decode": decode, "capacity": self.capacity(ttft, decode)}
 
@@ -473,7 +479,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, plots: bool = Tru
     """Run the benchmark; with `out`, write bench.json (+ the PNG plots and a markdown table) there."""
     from .report import check_targets, markdown
 
-    result = Bench(cfg).run()
+    result = Bench(cfg).run(Path(out) / "bench.json" if out is not None else None)
     result["targets"] = check_targets(result)
     sync(cfg.device)
     if out is not None:

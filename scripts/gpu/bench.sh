@@ -11,17 +11,16 @@ ALL="full,snapkv,pyramidkv,lookahead,lookahead:passes=2,laq:k=8,speckv:k=32"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 bench() {  # bench NAME ARGS...: one benchmark, its JSON to $OUT/NAME.json, its tables on stdout
   local name=$1; shift
-  python3 -m lookaheadkv.bench --device cuda --dtype bfloat16 --out "/tmp/bench/$name" "$@" 2> "/tmp/bench/$name.err" \
+  timeout "${LIMIT:-400}" python3 -m lookaheadkv.bench --device cuda --dtype bfloat16 --out "/tmp/bench/$name" "$@" 2> "/tmp/bench/$name.err" \
     | tail -60
-  cp "/tmp/bench/$name/bench.json" "$OUT/$name.json" 2>/dev/null || tail -20 "/tmp/bench/$name.err"
+  cp "/tmp/bench/$name/bench.json" "$OUT/$name.json"
+  tail -c 3000 "/tmp/bench/$name.err" | tr '\r' '\n' | grep -v '^bench: ' | tail -15  # errors, if any
 }
 mkdir -p /tmp/bench
 case "${1:-1}" in
   1)
     bench llama31_8b --model llama-3.1-8b --contexts 8192,16384,32768 --methods "$ALL" --budget 1024 \
       --decode-budgets 256,1024 --decode-batches 1,8,16 --repeats 3
-    bench llama31_8b_64k --model llama-3.1-8b --contexts 65536 --methods full,snapkv,pyramidkv,lookahead,laq:k=8 \
-      --budget 1024 --decode-batches "" --repeats 2
     ;;
   2)
     bench qwen3_8b --model qwen3-8b --contexts 8192,16384,32768 --methods "$ALL" --budget 1024 \
