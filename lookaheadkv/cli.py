@@ -128,11 +128,66 @@ def demo(model, budget, methods, device):
     run_demo(model, budget, methods.split(",") if methods else None, device)
 
 
-from .train import train_command  # noqa: E402  (lookaheadkv train)
-
-main.add_command(train_command)
-
-
 from .bench.command import bench  # noqa: E402  (lookaheadkv bench)
 
 main.add_command(bench)
+
+
+@main.command("eval")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="named model, local directory or Hub id")
+@click.option("--tasks", default="ruler,qa", show_default=True,
+              help="comma-separated task names or groups: ruler, qa, fidelity, all")
+@click.option("--methods", default=None, help="comma-separated, options as name:key=value (default: every method)")
+@click.option("--budgets", default="64,128,256", show_default=True, help="comma-separated KV budgets (tokens)")
+@click.option("--n", "n", default=50, show_default=True, help="samples per task")
+@click.option("--length", default=4096, show_default=True, help="prompt + answer tokens per sample (RULER's length)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch", default=8, show_default=True, help="samples prefilled together")
+@click.option("--query-agnostic", is_flag=True, help="compress the context before the question is seen")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True)
+@click.option("--out", default="results.jsonl", show_default=True, type=click.Path(dir_okay=False),
+              help="JSONL rows are appended here; a rerun resumes")
+@click.option("--time-limit", type=float, default=None, help="stop starting new batches after this many seconds")
+@click.option("--workers", default=0, show_default=True, help="processes generating samples ahead (0: inline)")
+def eval_cmd(model, tasks, methods, budgets, n, length, seed, batch, query_agnostic, device, dtype, out,
+             time_limit, workers):
+    """Score methods x budgets on RULER, long-document QA and fidelity tasks; rows go to --out (JSONL)."""
+    import torch
+
+    from .evaluation.runner import parse_methods, run_eval
+    from .evaluation.tasks import resolve_tasks
+    from .models import load_model
+
+    try:
+        budget_list = [int(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise LookaheadKVError(f"--budgets must be comma-separated integers, got {budgets!r}") from None
+    names = resolve_tasks(tasks)
+    chosen = parse_methods(methods)
+    m, tok = load_model(model, device=device, dtype=None if dtype == "auto" else getattr(torch, dtype))
+    rows = run_eval(m, tok, names, chosen, budget_list, n, length, out, model_name=model, seed=seed, batch=batch,
+                    query_agnostic=query_agnostic, time_limit=time_limit, workers=workers)
+    click.echo(f"{len(rows)} new rows in {out}", err=True)
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="folder for report.md and the plots (default: beside the first RESULTS file)")
+def report(results, out):
+    """Markdown table (task x method x budget, mean, 95% CI, n) and plots of score vs budget."""
+    from .evaluation.report import write_report
+
+    for r in results:
+        if not Path(r).exists():
+            raise LookaheadKVError(f"results file {r} does not exist")
+    folder = Path(out) if out else Path(results[0]).parent
+    path = write_report(list(results), folder)
+    click.echo(path.read_text(encoding="utf-8"))
+
+
+from .train import train_command  # noqa: E402  (lookaheadkv train)
+
+main.add_command(train_command)

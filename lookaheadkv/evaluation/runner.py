@@ -1,0 +1,459 @@
+"""The evaluation runner: every method x budget on every sample, from ONE prefill per batch of samples.
+
+For a batch of samples of one task: prefill once (left-padded, recording every row count the methods need);
+score each method once on a copy of that prefill (scores do not depend on the budget); evict a copy per
+budget; then decode every copy together. Copies whose per-layer cache lengths are close are stacked along
+the batch dimension (left-padded per layer, with per-layer key-validity masks, so padding changes nothing),
+so one decode loop serves many methods x budgets. The full cache is the reference: its answer gives the
+fidelity of every other answer (token F1 against it) and its attention the true importance for the
+importance recall at each budget.
+
+Query-aware (default): the question is inside the prompt that is compressed. Query-agnostic: the context is
+prefilled and compressed alone; the question (and the assistant's answer prefix) is then run on the
+evicted cache, and the answer decoded after it.
+
+Rows go to a JSONL file as each batch finishes (flushed); a rerun skips every row already there (key: model,
+task, length, sample, mode, method label, budget), so an interrupted run resumes and a finished one does
+nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..attention import Recording, forward_state
+from ..cache import crop
+from ..decode import Sampling, decode
+from ..errors import LookaheadKVError
+from ..generate import evict
+from ..importance import importance_recall, true_importance
+from ..methods import METHODS, Method, get_method
+from ..prefill import Prefill, forward, prefill
+from . import metrics
+from .tasks import Sample, make_sample, resolve_tasks
+
+ROW_KEY = ("model", "task", "length", "sample", "mode", "method", "budget")
+OPTIONAL_METHODS = ("lookaheadkv.lookahead", "lookaheadkv.drafts")  # register lookahead, laq, speckv if present
+
+
+def load_optional_methods() -> None:
+    for name in OPTIONAL_METHODS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ROW_KEY)
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a results file; a line cut off by an interrupted run is skipped."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    rows = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+class Sink:
+    """Appends rows to a JSONL file, one flushed line each; a cut-off last line is closed first."""
+
+    def __init__(self, path: str | Path | None):
+        self.f = None
+        if path is not None:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            torn = p.exists() and p.stat().st_size > 0 and not p.read_bytes().endswith(b"\n")
+            self.f = open(p, "a", encoding="utf-8")
+            if torn:
+                self.f.write("\n")
+
+    def write(self, row: dict) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def parse_methods(spec: str | Sequence[str] | None) -> dict[str, Method]:
+    """"snapkv,lookahead:window=16" -> {label: Method}; None: every registered method."""
+    load_optional_methods()
+    items = list(METHODS) if spec is None else [x.strip() for x in (spec.split(",") if isinstance(spec, str)
+                                                                      else spec) if x.strip()]
+    out: dict[str, Method] = {}
+    for item in items:
+        name, *opts = item.split(":")
+        options = {}
+        for o in opts:
+            if "=" not in o:
+                raise LookaheadKVError(f"method option {o!r} in {item!r} is not key=value")
+            k, v = o.split("=", 1)
+            options[k] = _value(v)
+        out[item] = get_method(name, **options)
+    return out
+
+
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+# ------------------------------------------------------------------------------------------------- prompts
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render(tokenizer, s: Sample) -> tuple[str, str]:
+    """The prompt as (everything up to the end of the context, the rest: query, chat turn, answer prefix)."""
+    user = s.context + s.query
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = user + "\n"
+    text += s.answer_prefix
+    cut = text.index(user) + len(s.context)
+    return text[:cut], text[cut:]
+
+
+def encode_sample(tokenizer, s: Sample) -> tuple[list[int], list[int]]:
+    head, tail = render(tokenizer, s)
+    return _encode(tokenizer, head), _encode(tokenizer, tail)
+
+
+def score_answer(s: Sample, answer: str, full_answer: str) -> dict[str, float]:
+    if s.metric == "all":
+        return {"score": metrics.string_match_all(answer, s.answers)}
+    if s.metric == "part":
+        return {"score": metrics.string_match_part(answer, s.answers)}
+    if s.metric == "f1":
+        return {"score": metrics.token_f1(answer, s.answers), "em": metrics.exact_match(answer, s.answers)}
+    if s.metric == "rouge":
+        return {"score": metrics.rouge_l(answer, full_answer)}
+    raise ValueError(s.metric)
+
+
+# --------------------------------------------------------------------------------------------- batch of copies
+
+@dataclass
+class Copy:
+    """One method x budget applied to a copy of the batch's prefill."""
+
+    method: str
+    budget: int | None  # requested; None for the full cache
+    pf: Prefill
+    kept: list[torch.Tensor | None]
+    key_valid: list[torch.Tensor] | None
+    effective: int  # the budget evict() applied (min(budget, prompt length))
+    seconds: float
+
+    def lengths(self) -> list[int]:
+        return [layer.keys.shape[-2] for layer in self.pf.cache.layers]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(list(s))
+            valid[i, width - len(s):] = True
+    return ids.to(device), valid.to(device)
+
+
+def _bucket(c: Copy) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(c.lengths()))))
+
+
+def merge(model, copies: Sequence[Copy]):
+    """Stack copies along the batch: per layer, each copy is left-padded to the longest; returns (cache,
+    per-layer key validity, prompt validity rows, first-token logits rows)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    key_valid = []
+    for li in range(model.config.num_hidden_layers):
+        width = max(c.pf.cache.layers[li].keys.shape[-2] for c in copies)
+        ks, vs, ms = [], [], []
+        for c in copies:
+            layer = c.pf.cache.layers[li]
+            pad = width - layer.keys.shape[-2]
+            valid = (c.key_valid[li] if c.key_valid is not None
+                     else torch.ones(layer.keys.shape[0], layer.keys.shape[-2], dtype=torch.bool,
+                                     device=layer.keys.device))
+            ks.append(F.pad(layer.keys, (0, 0, pad, 0)))
+            vs.append(F.pad(layer.values, (0, 0, pad, 0)))
+            ms.append(F.pad(valid, (pad, 0), value=False))
+        cache.update(torch.cat(ks), torch.cat(vs), li)
+        key_valid.append(torch.cat(ms))
+    valid = torch.cat([c.pf.valid for c in copies])
+    logits = torch.cat([c.pf.next_logits for c in copies])
+    return cache, key_valid, valid, logits
+
+
+def decode_copies(model, copies: Sequence[Copy], suffix: tuple[torch.Tensor, torch.Tensor] | None,
+                  eos: set[int], max_new: int) -> list[list[list[int]]]:
+    """Answers [copy][sample] -> tokens, decoding stacked copies of similar cache lengths together."""
+    out: list[list[list[int]] | None] = [None] * len(copies)
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(copies):
+        groups.setdefault(_bucket(c), []).append(i)
+    for members in groups.values():
+        group = [copies[i] for i in members]
+        cache, key_valid, valid, logits = merge(model, group)
+        ids = torch.cat([c.pf.input_ids for c in group])
+        if suffix is not None:  # query-agnostic: the question runs on the evicted cache
+            s_ids, s_valid = (t.repeat(len(group), 1) for t in suffix)
+            positions = valid.sum(dim=1, keepdim=True) + (s_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            key_valid = [torch.cat([kv, s_valid], dim=1) for kv in key_valid]
+            with forward_state(key_valid=key_valid):
+                logits = forward(model, cache, positions, input_ids=s_ids)[:, -1].float()
+            valid = torch.cat([valid, s_valid], dim=1)
+            ids = torch.cat([ids, s_ids], dim=1)
+        shim = Prefill(cache, ids, valid, logits, {})
+        tokens = decode(model, shim, key_valid, eos, Sampling(max_new))
+        n = group[0].pf.valid.shape[0]
+        for j, i in enumerate(members):
+            out[i] = tokens[j * n:(j + 1) * n]
+        del cache, shim
+    return out  # type: ignore[return-value]
+
+
+def slice_prefill(pf: Prefill, i: int) -> Prefill:
+    """Sequence i of a batched prefill, sharing its tensors (cache layers are shallow copies, so appending
+    to and cropping the slice never touches the batch)."""
+    cache = copy.copy(pf.cache)
+    cache.layers = [copy.copy(layer) for layer in pf.cache.layers]
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[i:i + 1], layer.values[i:i + 1]
+    return Prefill(cache, pf.input_ids[i:i + 1], pf.valid[i:i + 1], pf.next_logits[i:i + 1], {})
+
+
+def answer_importance(model, pf: Prefill, after: list[int], n_answer: int) -> list[torch.Tensor]:
+    """Per layer [1, Hq, L]: mean attention onto the prompt of the last n_answer of the rows `after` run
+    after it (query-agnostic: the question, then the answer)."""
+    rec = Recording(rows=n_answer, columns=pf.length)
+    ids = torch.tensor([after], device=pf.valid.device)
+    positions = pf.lengths[:, None] + torch.arange(len(after), device=pf.valid.device)
+    with torch.no_grad(), forward_state(rec, pf.key_valid(model.config.num_hidden_layers)):
+        forward(model, pf.cache, positions, input_ids=ids)
+    crop(pf.cache, pf.length)
+    return rec.mean()
+
+
+@dataclass
+class Evaluator:
+    model: object
+    tokenizer: object
+    model_name: str
+    methods: dict[str, Method]
+    budgets: list[int]
+    query_agnostic: bool = False
+    note: object = print
+
+    def __post_init__(self):
+        self.device = next(self.model.parameters()).device
+        cfg = self.model.config
+        self.n_layers, self.n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos = ids - {None}
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos) if self.eos else 0
+        self.dropped: set[str] = set()
+        self.skipped: set[tuple[str, int]] = set()
+        self.limit = getattr(cfg, "max_position_embeddings", None)
+
+    @property
+    def mode(self) -> str:
+        return "agnostic" if self.query_agnostic else "aware"
+
+    @torch.no_grad()
+    def run(self, samples: Sequence[Sample], wanted: set[tuple[str, int | None]]) -> list[dict]:
+        """Rows for `samples` (one task) and the wanted (method label, budget) pairs; the full cache always."""
+        model = self.model
+        enc = [encode_sample(self.tokenizer, s) for s in samples]
+        max_new = max(s.max_new_tokens for s in samples)
+        longest = max(len(a) + len(b) for a, b in enc)
+        if self.limit is not None and longest + max_new > self.limit:
+            raise LookaheadKVError(f"a {samples[0].task} prompt of {longest} tokens + {max_new} new tokens exceeds "
+                                   f"the model's context of {self.limit}; lower --length")
+        if self.query_agnostic:
+            ids, valid = left_pad([a for a, _ in enc], self.pad_id, self.device)
+            suffix = left_pad([b for _, b in enc], self.pad_id, self.device)
+        else:
+            ids, valid = left_pad([a + b for a, b in enc], self.pad_id, self.device)
+            suffix = None
+        methods = {k: m for k, m in self.methods.items()
+                   if k not in self.dropped and m.evicts and any(w[0] == k for w in wanted)}
+        rows_wanted = sorted({m.prefill_rows() for m in methods.values()} - {0})
+        pf = prefill(model, ids, valid, record_rows=rows_wanted)
+        copies = [Copy("full", None, pf, [None] * self.n_layers, pf.key_valid(self.n_layers), pf.length, 0.0)]
+        for label, m in methods.items():
+            t0 = time.perf_counter()
+            try:
+                scores = m.scores(model, pf.clone())
+            except LookaheadKVError as e:
+                self.dropped.add(label)
+                self.note(f"method {label} dropped from this run: {e}")
+                continue
+            score_s = time.perf_counter() - t0
+            fixed = copy.copy(m)
+            fixed.scores = lambda _model, _pf, _s=scores: _s  # the budget-free scores, computed once
+            for b in self.budgets:
+                if (label, b) not in wanted:
+                    continue
+                c = pf.clone()
+                try:
+                    ev = evict(model, c, fixed, b)
+                except LookaheadKVError as e:
+                    if (label, b) not in self.skipped:
+                        self.skipped.add((label, b))
+                        self.note(f"{label} at budget {b} skipped: {e}")
+                    continue
+                copies.append(Copy(label, b, c, ev.kept, ev.key_valid, ev.budget, score_s + ev.seconds))
+            del scores
+        answers = decode_copies(model, copies, suffix, self.eos, max_new)
+        return self._rows(samples, enc, pf, copies, answers)
+
+    def _rows(self, samples, enc, pf, copies, answers) -> list[dict]:
+        tok = self.tokenizer
+        rows = []
+        for i, s in enumerate(samples):
+            full_ids = answers[0][i]
+            full = tok.decode(full_ids, skip_special_tokens=True).strip()
+            truth = None
+            if full_ids:
+                one = slice_prefill(pf, i)
+                if self.query_agnostic:
+                    truth = answer_importance(self.model, one, enc[i][1] + full_ids, len(full_ids))
+                else:
+                    truth = true_importance(self.model, one, torch.tensor([full_ids]))
+            prompt_tokens = len(enc[i][0]) + len(enc[i][1])
+            for c, ans in zip(copies, answers):
+                text = tok.decode(ans[i], skip_special_tokens=True).strip()
+                kept = [None if k is None else k[i:i + 1] for k in c.kept]
+                if all(k is None for k in kept):
+                    recall = 1.0
+                elif truth is None:
+                    recall = None
+                else:
+                    recall = importance_recall(truth, kept, c.effective, self.n_kv, pf.valid[i:i + 1])
+                row = {"model": self.model_name, "task": s.task, "family": s.family,
+                       "length": s.meta.get("length"), "sample": s.id, "mode": self.mode, "method": c.method,
+                       "budget": c.budget, "prompt_tokens": prompt_tokens,
+                       "context_tokens": len(enc[i][0]) if self.query_agnostic else prompt_tokens,
+                       "kept_per_layer": sum(c.lengths()) / self.n_layers if c.budget is not None else None,
+                       "answer": text, **score_answer(s, text, full),
+                       "fidelity": metrics.token_f1(text, full), "recall": recall,
+                       "eviction_s": round(c.seconds, 5)}
+                if c.method == "full":
+                    row["answers"] = s.answers
+                rows.append(row)
+        return rows
+
+
+def make_samples(tokenizer, task: str, length: int, seed: int, indices: Sequence[int]) -> list[Sample]:
+    """The samples of one batch, fitted to `length` with this tokenizer."""
+    def measure(s: Sample) -> int:
+        return sum(len(x) for x in encode_sample(tokenizer, s))
+
+    out = []
+    for i in indices:
+        s = make_sample(task, length, seed, i, measure)
+        s.meta["length"] = length
+        out.append(s)
+    return out
+
+
+def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Method], budgets: Sequence[int],
+             n: int, length: int, out: str | Path | None = None, model_name: str | None = None, seed: int = 0,
+             batch: int = 8, query_agnostic: bool = False, time_limit: float | None = None,
+             progress: bool = True, workers: int = 0) -> list[dict]:
+    """Evaluate every task x method x budget on n samples per task; returns the rows computed now (and
+    appends them to `out`). Batches go round-robin over the tasks, so a run stopped by `time_limit` (seconds;
+    checked between batches) leaves every task with about the same number of samples. `workers` > 0
+    generates the samples in that many processes, ahead of the model."""
+    names = resolve_tasks(tasks)
+    if n < 1 or batch < 1:
+        raise LookaheadKVError("--n and --batch must be at least 1")
+    if not budgets or any(b < 1 for b in budgets):
+        raise LookaheadKVError("budgets must be positive token counts, e.g. --budgets 64,128,256")
+    model_name = model_name or getattr(model, "name_or_path", "") or "model"
+    methods = {k: m for k, m in methods.items() if m.evicts}  # the full cache is always run, as the reference
+    ev = Evaluator(model, tokenizer, model_name, methods, sorted(set(budgets)), query_agnostic,
+                   note=lambda msg: tqdm.write(msg))
+    done = {row_key(r) for r in read_rows(out)} if out is not None else set()
+    pairs = [("full", None)] + [(k, b) for k in methods for b in ev.budgets]
+
+    def key(task: str, index: int, label: str, budget: int | None) -> tuple:
+        return (model_name, task, length, f"{task}-{length}-s{seed}-{index}", ev.mode, label, budget)
+
+    plan = []  # (task, indices, wanted pairs)
+    todo_rows = 0
+    for start in range(0, n, batch):
+        for t in names:
+            idx = list(range(start, min(n, start + batch)))
+            todo = [(i, p) for i in idx for p in pairs if key(t, i, *p) not in done]
+            if todo:
+                plan.append((t, sorted({i for i, _ in todo}), {p for _, p in todo}))
+                todo_rows += len(todo)
+    sink = Sink(out)
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    pool = None
+    if workers > 0 and plan:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        futures = [pool.submit(make_samples, tokenizer, t, length, seed, idx) for t, idx, _ in plan]
+    bar = tqdm(total=todo_rows, desc="eval", unit="row", disable=not progress, smoothing=0.1)
+    try:
+        for j, (t, idx, wanted) in enumerate(plan):
+            if time_limit is not None and time.perf_counter() - t_start > time_limit:
+                tqdm.write(f"time limit of {time_limit:.0f} s reached; stopping (rerun to resume)")
+                break
+            samples = futures[j].result() if pool is not None else make_samples(tokenizer, t, length, seed, idx)
+            for row in ev.run(samples, wanted):
+                if row_key(row) in done or (row["method"], row["budget"]) not in wanted:
+                    continue
+                done.add(row_key(row))
+                sink.write(row)
+                rows.append(row)
+                bar.update(1)
+    finally:
+        bar.close()
+        sink.close()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+    return rows
