@@ -111,9 +111,10 @@ def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[l
 
 def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], targets_dir: str | Path,
                     response_tokens: int = 256, batch_size: int = 64, max_batch_tokens: int = 200_000,
-                    progress: bool = True) -> list[Target | None]:
+                    progress: bool = True, time_limit_s: float | None = None) -> list[Target | None]:
     """Targets for every prompt, stored as shards under targets_dir and reused when they are already there
-    (a manifest ties them to the model and the prompts; anything else there is refused)."""
+    (a manifest ties them to the model and the prompts; anything else there is refused). Batches run in a
+    seeded random order, so a time limit drops a random subset of prompts (their targets stay None)."""
     d = Path(targets_dir)
     d.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -131,16 +132,18 @@ def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], target
     else:
         mpath.write_text(json.dumps(manifest, indent=1))
     eos = eos_ids(model, tokenizer)
-    groups = _batches([len(x) for x in prompt_ids], batch_size, max_batch_tokens)
+    groups = _shuffled(_batches([len(x) for x in prompt_ids], batch_size, max_batch_tokens), 0)
     out: list[Target | None] = [None] * len(prompt_ids)
     bar = tqdm(groups, desc="targets", unit="batch", disable=not progress)
+    t0 = time.perf_counter()
     for k, group in enumerate(bar):
         shard = d / f"shard_{k:05d}.safetensors"
+        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s and not shard.exists():
+            bar.write(f"targets: time limit reached after {k} of {len(groups)} batches")
+            break
         if shard.exists():
-            tensors = load_file(str(shard))
-            for i in group:
-                if f"ids_{i}" in tensors:
-                    out[i] = Target(tensors[f"ids_{i}"], tensors[f"response_{i}"], tensors[f"truth_{i}"])
+            for i, t in _read_shard(shard).items():
+                out[i] = t
             continue
         got = collect_batch(model, [prompt_ids[i] for i in group], response_tokens, eos)
         tensors = {}
@@ -151,6 +154,24 @@ def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], target
         save_file(tensors, str(shard) + ".tmp")
         Path(str(shard) + ".tmp").rename(shard)  # a shard is either complete or absent: resumable
     return out
+
+
+def load_targets(targets_dir: str | Path) -> list[Target | None]:
+    """Every stored target of a target folder, by prompt index (None where there is none)."""
+    d = Path(targets_dir)
+    if not (d / "manifest.json").exists():
+        raise LookaheadKVError(f"{d} holds no targets (no manifest.json); run `lookaheadkv train` first")
+    out: list[Target | None] = [None] * json.loads((d / "manifest.json").read_text())["prompts"]
+    for shard in sorted(d.glob("shard_*.safetensors")):
+        for i, t in _read_shard(shard).items():
+            out[i] = t
+    return out
+
+
+def _read_shard(path: Path) -> dict[int, Target]:
+    tensors = load_file(str(path))
+    return {int(k[4:]): Target(tensors[k], tensors[f"response_{k[4:]}"], tensors[f"truth_{k[4:]}"])
+            for k in tensors if k.startswith("ids_")}
 
 
 def kl_loss(pred: list[torch.Tensor], truth: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -200,11 +221,13 @@ def train(model, tokenizer, out: str | Path, samples: int = 2000, min_tokens: in
           lr: float = 2e-3, n: int = 32, rank: int = 8, alpha: int = 32, seed: int = 0, val_share: float = 0.05,
           checkpoint_every: int = 100, targets_dir: str | Path | None = None, collect_batch_size: int = 64,
           max_batch_tokens: int = 200_000, resume: bool = True, progress: bool = True,
-          prompt_ids: Sequence[torch.Tensor] | None = None) -> dict:
+          prompt_ids: Sequence[torch.Tensor] | None = None, collect_time_limit_s: float | None = None,
+          time_limit_s: float | None = None) -> dict:
     """Train a module for `model` on `samples` training prompts; writes the module and train_log.json to
     `out` and returns the log. Checkpoints to out/checkpoint every `checkpoint_every` steps; a later call with
     the same arguments resumes from there (targets are reused from targets_dir). `prompt_ids` replaces the
-    built-in training prompts (token ids, one tensor per prompt)."""
+    built-in training prompts (token ids, one tensor per prompt). The time limits (seconds) bound target
+    collection (fewer prompts) and the training loop (fewer steps); the log says where they cut."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -225,7 +248,7 @@ def train(model, tokenizer, out: str | Path, samples: int = 2000, min_tokens: in
                                "lower --max-tokens")
     t0 = time.perf_counter()
     targets = collect_targets(model, tokenizer, prompt_ids, targets_dir or out / "targets", response_tokens,
-                              collect_batch_size, max_batch_tokens, progress)
+                              collect_batch_size, max_batch_tokens, progress, collect_time_limit_s)
     collect_s = time.perf_counter() - t0
     train_idx, val_idx = split_validation(len(prompt_ids), val_share, seed)
     train_idx = [i for i in train_idx if targets[i] is not None]
@@ -269,12 +292,15 @@ def train(model, tokenizer, out: str | Path, samples: int = 2000, min_tokens: in
         log["validation"].append({"step": 0, "loss": validate()})
     t1 = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress)
-    done = 0
+    done, stopped = 0, False
     for epoch, batches in enumerate(per_epoch):
         for group in batches:
             done += 1
             if done <= step:
                 continue  # resumed: this step was taken before the interruption
+            if time_limit_s is not None and time.perf_counter() - t1 > time_limit_s:
+                stopped = True
+                break
             loss = batch_loss(model, mod, [targets[train_idx[j]] for j in group], grad=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,6 +314,9 @@ def train(model, tokenizer, out: str | Path, samples: int = 2000, min_tokens: in
             if checkpoint_every and step % checkpoint_every == 0 and step < total:
                 _checkpoint(model, mod, ckpt, opt, sched, step, log)
         log["validation"].append({"step": step, "epoch": epoch, "loss": validate()})
+        if stopped:
+            bar.write(f"training: time limit reached at step {step} of {total}")
+            break
         bar.write(f"epoch {epoch}: validation KL {log['validation'][-1]['loss']:.4f} "
                   f"(untrained {log['validation'][0]['loss']:.4f})")
     bar.close()
@@ -295,13 +324,14 @@ def train(model, tokenizer, out: str | Path, samples: int = 2000, min_tokens: in
     lens = [len(targets[i].ids) for i in train_idx]
     info = {
         "data": {"split": "train (lookaheadkv.data.split_of)", "prompts": len(prompt_ids), "train": len(train_idx),
-                 "validation": len(val_idx), "no_answer": sum(t is None for t in targets),
+                 "validation": len(val_idx), "without_target": sum(t is None for t in targets),
                  "families": dict(Counter(family[i] for i in train_idx)),
                  "prompt_tokens": {"min": min(lens), "mean": round(sum(lens) / len(lens)), "max": max(lens)},
                  "response_tokens_cap": response_tokens,
                  "response_tokens_mean": round(sum(len(targets[i].response) for i in train_idx) / len(train_idx), 1),
                  "seed": seed},
-        "optimisation": {"epochs": epochs, "steps": step, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW",
+        "optimisation": {"epochs": epochs, "steps": step, "planned_steps": total,
+                         "stopped_by_time_limit": stopped, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW",
                          "schedule": "linear warmup 5%, cosine to 10%", "grad_clip": 1.0},
         "module": {"n": n, "rank": rank, "alpha": alpha, "targets": list(la.TARGETS)},
         "loss": {"validation_untrained": log["validation"][0]["loss"],
@@ -350,9 +380,12 @@ def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict) -> Non
 @click.option("--collect-batch-size", default=64, show_default=True)
 @click.option("--checkpoint-every", default=100, show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True, help="continue from OUT/checkpoint")
+@click.option("--collect-time-limit", type=float, help="seconds for target collection (fewer prompts if exceeded)")
+@click.option("--time-limit", type=float, help="seconds for the training loop (fewer steps if exceeded)")
 @click.option("--device", default="cpu", show_default=True)
 def train_command(model_name, out, samples, min_tokens, max_tokens, families, response_tokens, epochs, batch_size,
-                  lr, n_tokens, rank, alpha, seed, targets_dir, collect_batch_size, checkpoint_every, resume, device):
+                  lr, n_tokens, rank, alpha, seed, targets_dir, collect_batch_size, checkpoint_every, resume,
+                  collect_time_limit, time_limit, device):
     """Train a lookahead module (embeddings + LoRA) for a model and write it to OUT."""
     from .models import load_model
 
@@ -360,7 +393,7 @@ def train_command(model_name, out, samples, min_tokens, max_tokens, families, re
     info = train(model, tok, out, samples, min_tokens, max_tokens, [f for f in families.split(",") if f],
                  response_tokens, epochs, batch_size, lr, n_tokens, rank, alpha, seed,
                  checkpoint_every=checkpoint_every, targets_dir=targets_dir, collect_batch_size=collect_batch_size,
-                 resume=resume)
+                 resume=resume, collect_time_limit_s=collect_time_limit, time_limit_s=time_limit)
     click.echo(json.dumps({k: info[k] for k in ("data", "loss", "time_s", "hardware")}, indent=1))
     click.echo(f"module written to {out}; use it with --method lookahead --module {out}")
 
