@@ -38,9 +38,12 @@ def _ints(text: str, what: str) -> list[int]:
 @click.option("--warmup", default=1, show_default=True)
 @click.option("--memory-gib", type=float, default=None, help="memory to fit batches into (default: the device's)")
 @click.option("--draft-model", default="llama-3.2-1b", show_default=True, help="SpecKV's draft (shape or name)")
+@click.option("--split-extra-rows/--no-split-extra-rows", default=True, show_default=True,
+              help="also time single-pass lookahead's rows without their adapter and with it on those rows only")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 def bench(model, random_weights, device, dtype, contexts, methods, budget, decode_context, decode_budgets,
-          decode_batches, decode_methods, decode_steps, repeats, warmup, memory_gib, draft_model, out):
+          decode_batches, decode_methods, decode_steps, repeats, warmup, memory_gib, draft_model, split_extra_rows,
+          out):
     """Time to first token by stage, eviction overhead, decode speed, KV bytes and memory (docs/bench.md)."""
     cfg = BenchConfig(model=model, random_weights=random_weights, device=device,
                       dtype=dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
@@ -49,7 +52,8 @@ def bench(model, random_weights, device, dtype, contexts, methods, budget, decod
                       decode_budgets=_ints(decode_budgets, "--decode-budgets"),
                       decode_batches=_ints(decode_batches, "--decode-batches"),
                       decode_methods=[m for m in decode_methods.split(",") if m], decode_steps=decode_steps,
-                      repeats=repeats, warmup=warmup, memory_gib=memory_gib, draft_model=draft_model)
+                      repeats=repeats, warmup=warmup, memory_gib=memory_gib, draft_model=draft_model,
+                      split_extra_rows=split_extra_rows)
     if repeats < 1 or not cfg.contexts:
         raise LookaheadKVError("--repeats must be >= 1 and --contexts must name at least one length")
     click.echo(markdown(run_bench(cfg, out)))

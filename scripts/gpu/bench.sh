@@ -3,6 +3,7 @@
 # half of SmolLM2's GGUF (the default model's real weights; see scripts/gpu/device_setup.sh):
 #   call 1: carry [".whl", ".gpu/smollm2.part0"]  source scripts/gpu/device_setup.sh; bash scripts/gpu/bench.sh 1
 #   call 2: carry [".whl", ".gpu/smollm2.part1"]  source scripts/gpu/device_setup.sh; bash scripts/gpu/bench.sh 2
+# and, any time (nothing carried): `export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; bash scripts/gpu/bench.sh decode`.
 # Only the JSON files come back ($OUT/<run>.json, at most 8 files a call); on the CPU,
 # `python -m lookaheadkv.bench.report results/bench/<run>/bench.json` writes bench.md and the plots beside each.
 set -uo pipefail
@@ -18,11 +19,15 @@ bench() {  # bench NAME ARGS...: one benchmark, its JSON to $OUT/NAME.json, its 
 }
 mkdir -p /tmp/bench
 case "${1:-1}" in
-  1)
+  1)  # Llama-3.1-8B shape: TTFT by stage, every method, 8K-32K (~4 min of device time)
     bench llama31_8b --model llama-3.1-8b --contexts 8192,16384,32768 --methods "$ALL" --budget 1024 \
-      --decode-budgets 256,1024 --decode-batches 1,8,16 --repeats 3
+      --decode-batches "" --repeats 3
     ;;
-  2)
+  decode)  # Llama-3.1-8B shape at 32K: TTFT of the cheap methods again + decode at batch 1, 8, 16 (~3 min)
+    bench llama31_8b_32k --model llama-3.1-8b --contexts 32768 --methods full,snapkv,pyramidkv,lookahead,laq:k=8 \
+      --budget 1024 --decode-budgets 256,1024 --decode-batches 1,8,16 --repeats 3
+    ;;
+  2)  # Qwen3-8B shape; then the default model with real weights (both GGUF halves arrived) and random ones
     bench qwen3_8b --model qwen3-8b --contexts 8192,16384,32768 --methods "$ALL" --budget 1024 \
       --decode-budgets 256,1024 --decode-batches 1,16 --repeats 2
     for w in "" "--random-weights"; do  # no smaller draft shares SmolLM2's tokenizer: no speckv here
