@@ -159,3 +159,18 @@ def test_rows_lora_computes_what_the_masked_peft_path_does():
         assert torch.allclose(a, b, atol=1e-6, rtol=0) and not torch.allclose(a, c, atol=1e-3)
     for la, lb in zip(peft.cache.layers, ours.cache.layers):
         assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+
+
+def test_report_renders_tables_targets_and_plots_from_a_results_file(result, tmp_path):
+    from lookaheadkv.bench.report import check_targets, render
+
+    res, out = result
+    render(str(out / "bench.json"), str(tmp_path), ignore=("record",))
+    summary = (tmp_path / "summary.md").read_text()
+    for label in TINY["methods"]:
+        assert f"| {label} |" in summary
+    assert "record" not in summary and (tmp_path / "overhead.png").stat().st_size > 0
+    targets = {t["target"]: t for t in check_targets(res)}
+    snap = next(r for r in res["ttft"] if r["method"] == "snapkv:window=8" and r["context"] == 56)
+    t = targets["snapkv:window=8 overhead <= 1% of full TTFT"]
+    assert t["value"] == snap["overhead"] and t["met"] == (snap["overhead"] <= 0.01) and t["context"] == 56
