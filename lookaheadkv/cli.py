@@ -151,12 +151,15 @@ main.add_command(bench)
               help="JSONL rows are appended here; a rerun resumes")
 @click.option("--time-limit", type=float, default=None, help="stop starting new batches after this many seconds")
 @click.option("--workers", default=0, show_default=True, help="processes generating samples ahead (0: inline)")
+@click.option("--samples", "samples_file", default=None, type=click.Path(dir_okay=False),
+              help="pre-made samples (JSONL[.gz]) to use instead of generating them")
+@click.option("--only-samples", is_flag=True, help="write the samples to --samples and stop (no evaluation)")
 def eval_cmd(model, tasks, methods, budgets, n, length, seed, batch, query_agnostic, device, dtype, out,
-             time_limit, workers):
+             time_limit, workers, samples_file, only_samples):
     """Score methods x budgets on RULER, long-document QA and fidelity tasks; rows go to --out (JSONL)."""
     import torch
 
-    from .evaluation.runner import parse_methods, run_eval
+    from .evaluation import runner
     from .evaluation.tasks import resolve_tasks
     from .models import load_model
 
@@ -165,10 +168,28 @@ def eval_cmd(model, tasks, methods, budgets, n, length, seed, batch, query_agnos
     except ValueError:
         raise LookaheadKVError(f"--budgets must be comma-separated integers, got {budgets!r}") from None
     names = resolve_tasks(tasks)
-    chosen = parse_methods(methods)
+    if only_samples:
+        if not samples_file:
+            raise LookaheadKVError("--only-samples needs --samples FILE to write to")
+        from tqdm import tqdm
+
+        _, tok = load_model(model)
+        known = runner.load_samples(samples_file) if Path(samples_file).exists() else {}
+        made = [s for t in tqdm(names, desc="samples")
+                for s in runner.make_samples(tok, t, length, seed, range(n), known)]
+        runner.save_samples(list({s.id: s for s in [*known.values(), *made]}.values()), samples_file)
+        click.echo(f"{len(made)} samples of {len(names)} tasks in {samples_file}", err=True)
+        return
+    chosen = runner.parse_methods(methods)
+    known = None
+    if samples_file:
+        if not Path(samples_file).exists():
+            raise LookaheadKVError(f"samples file {samples_file} does not exist; make it with --only-samples")
+        known = runner.load_samples(samples_file)
     m, tok = load_model(model, device=device, dtype=None if dtype == "auto" else getattr(torch, dtype))
-    rows = run_eval(m, tok, names, chosen, budget_list, n, length, out, model_name=model, seed=seed, batch=batch,
-                    query_agnostic=query_agnostic, time_limit=time_limit, workers=workers)
+    rows = runner.run_eval(m, tok, names, chosen, budget_list, n, length, out, model_name=model, seed=seed,
+                           batch=batch, query_agnostic=query_agnostic, time_limit=time_limit, workers=workers,
+                           samples=known)
     click.echo(f"{len(rows)} new rows in {out}", err=True)
 
 

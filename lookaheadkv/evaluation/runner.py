@@ -190,8 +190,10 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.
     return ids.to(device), valid.to(device)
 
 
-def _bucket(c: Copy) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(c.lengths()))))
+def _group(c: Copy) -> int:
+    """Decode group: copies whose longest layer falls in the same power of 4 stack together (padding each
+    layer to the group's longest costs at most 4x the memory of the copy, and saves a decode loop)."""
+    return math.ceil(math.log2(max(2, max(c.lengths()))) / 2)
 
 
 def merge(model, copies: Sequence[Copy]):
@@ -222,11 +224,11 @@ def merge(model, copies: Sequence[Copy]):
 
 def decode_copies(model, copies: Sequence[Copy], suffix: tuple[torch.Tensor, torch.Tensor] | None,
                   eos: set[int], max_new: int) -> list[list[list[int]]]:
-    """Answers [copy][sample] -> tokens, decoding stacked copies of similar cache lengths together."""
+    """Answers [copy][sample] -> tokens, decoding stacked copies of similar cache lengths together (see _group)."""
     out: list[list[list[int]] | None] = [None] * len(copies)
     groups: dict[int, list[int]] = {}
     for i, c in enumerate(copies):
-        groups.setdefault(_bucket(c), []).append(i)
+        groups.setdefault(_group(c), []).append(i)
     for members in groups.values():
         group = [copies[i] for i in members]
         cache, key_valid, valid, logits = merge(model, group)
@@ -382,27 +384,53 @@ class Evaluator:
         return rows
 
 
-def make_samples(tokenizer, task: str, length: int, seed: int, indices: Sequence[int]) -> list[Sample]:
-    """The samples of one batch, fitted to `length` with this tokenizer."""
+def sample_id(task: str, length: int, seed: int, index: int) -> str:
+    return f"{task}-{length}-s{seed}-{index}"
+
+
+def make_samples(tokenizer, task: str, length: int, seed: int, indices: Sequence[int],
+                 known: dict[str, Sample] | None = None) -> list[Sample]:
+    """The samples of one batch, fitted to `length` with this tokenizer (taken from `known` when there)."""
     def measure(s: Sample) -> int:
         return sum(len(x) for x in encode_sample(tokenizer, s))
 
     out = []
     for i in indices:
-        s = make_sample(task, length, seed, i, measure)
-        s.meta["length"] = length
+        s = (known or {}).get(sample_id(task, length, seed, i))
+        if s is None:
+            s = make_sample(task, length, seed, i, measure)
+            s.meta["length"] = length
         out.append(s)
     return out
+
+
+def save_samples(samples: Sequence[Sample], path: str | Path) -> None:
+    """Samples as JSONL (gzip when the name ends in .gz), e.g. made on one machine for a run on another."""
+    import gzip
+    from dataclasses import asdict
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(asdict(s)) + "\n")
+
+
+def load_samples(path: str | Path) -> dict[str, Sample]:
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return {s.id: s for s in (Sample(**json.loads(line)) for line in f if line.strip())}
 
 
 def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Method], budgets: Sequence[int],
              n: int, length: int, out: str | Path | None = None, model_name: str | None = None, seed: int = 0,
              batch: int = 8, query_agnostic: bool = False, time_limit: float | None = None,
-             progress: bool = True, workers: int = 0) -> list[dict]:
+             progress: bool = True, workers: int = 0, samples: dict[str, Sample] | None = None) -> list[dict]:
     """Evaluate every task x method x budget on n samples per task; returns the rows computed now (and
     appends them to `out`). Batches go round-robin over the tasks, so a run stopped by `time_limit` (seconds;
     checked between batches) leaves every task with about the same number of samples. `workers` > 0
-    generates the samples in that many processes, ahead of the model."""
+    generates the samples in that many processes, ahead of the model; `samples` gives pre-made ones by id."""
     names = resolve_tasks(tasks)
     if n < 1 or batch < 1:
         raise LookaheadKVError("--n and --batch must be at least 1")
@@ -416,7 +444,7 @@ def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Me
     pairs = [("full", None)] + [(k, b) for k in methods for b in ev.budgets]
 
     def key(task: str, index: int, label: str, budget: int | None) -> tuple:
-        return (model_name, task, length, f"{task}-{length}-s{seed}-{index}", ev.mode, label, budget)
+        return (model_name, task, length, sample_id(task, length, seed, index), ev.mode, label, budget)
 
     plan = []  # (task, indices, wanted pairs)
     todo_rows = 0
@@ -431,7 +459,7 @@ def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Me
     rows: list[dict] = []
     t_start = time.perf_counter()
     pool = None
-    if workers > 0 and plan:
+    if workers > 0 and plan and not samples:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -443,8 +471,9 @@ def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Me
             if time_limit is not None and time.perf_counter() - t_start > time_limit:
                 tqdm.write(f"time limit of {time_limit:.0f} s reached; stopping (rerun to resume)")
                 break
-            samples = futures[j].result() if pool is not None else make_samples(tokenizer, t, length, seed, idx)
-            for row in ev.run(samples, wanted):
+            batch_samples = (futures[j].result() if pool is not None
+                             else make_samples(tokenizer, t, length, seed, idx, samples))
+            for row in ev.run(batch_samples, wanted):
                 if row_key(row) in done or (row["method"], row["budget"]) not in wanted:
                     continue
                 done.add(row_key(row))

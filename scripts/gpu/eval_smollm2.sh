@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU side: the default model on RULER 4K + long-document QA, then RULER 8K, then essay fidelity, every method
+# that exists x budgets 32..512, 50 samples per task, in one call that ends inside 10 minutes.
+# Samples are made on the CPU machine beforehand (the GPU machine has no data sets):
+#   lookaheadkv eval --tasks ruler,qa,fidelity --n 50 --length 4096 --samples .gpu/eval_samples_4k.jsonl.gz --only-samples
+#   lookaheadkv eval --tasks ruler --n 50 --length 8192 --samples .gpu/eval_samples_8k.jsonl.gz --only-samples
+# (one file per call: a call carries at most 64 MiB, and half of the model's GGUF is 47 MiB of it)
+#   call 1: carry [".whl", ".gpu/smollm2.part0", ".gpu/eval_samples_4k.jsonl.gz"],
+#           command `source scripts/gpu/device_setup.sh; cp .gpu/eval_samples_4k.jsonl.gz /tmp/lkv/; echo staged`
+#   call 2: carry [".whl", ".gpu/smollm2.part1", ".gpu/eval_samples_8k.jsonl.gz"],
+#           command `bash scripts/gpu/eval_smollm2.sh`
+# Rows are appended to $OUT/*.jsonl one flushed line each, so a run cut short still returns what it did;
+# EVAL_SECONDS (default 240) is shared out between the three runs, each stopping between batches.
+set -uo pipefail
+source scripts/gpu/device_setup.sh
+OUT=${OUT:-/tmp/lkv/out}
+mkdir -p "$OUT"
+for f in .gpu/eval_samples_*.jsonl.gz; do [ -f "$f" ] && cp "$f" /tmp/lkv/; done
+S=$(ls /tmp/lkv/eval_samples_*.jsonl.gz | paste -sd,)
+echo "samples: $S"
+export TQDM_MININTERVAL=20
+T0=$(date +%s)
+TOTAL=${EVAL_SECONDS:-250}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# One process (one CUDA start, one model load) runs the three evaluations in turn, each stopping between
+# batches when its share of EVAL_SECONDS is spent. Every registered method but speckv: speckv needs a draft
+# model with SmolLM2's tokenizer, and none exists.
+ls lookaheadkv/modules 2>/dev/null || echo "no lookahead module shipped"
+timeout $(( TOTAL + 120 )) python3 - "$S" "$OUT" "$TOTAL" <<'EOF' 2>&1 | tr '\r' '\n' | tee "$OUT/eval.log"
+import sys, time
+import torch
+from lookaheadkv.evaluation import runner
+from lookaheadkv.methods import METHODS
+from lookaheadkv.models import load_model
+
+samples = {k: v for f in sys.argv[1].split(",") for k, v in runner.load_samples(f).items()}
+out, total = sys.argv[2], float(sys.argv[3])
+print(len(samples), "samples", flush=True)
+runner.load_optional_methods()
+spec = ",".join(m for m in METHODS if m != "speckv")
+print("methods:", spec, flush=True)
+model, tok = load_model("smollm2-135m-instruct", device="cuda", dtype=torch.float32)
+t0 = time.perf_counter()
+for length, tasks, name, share in [(4096, "ruler,qa", "smollm2_4k", 0.55), (8192, "ruler", "smollm2_8k", 0.7),
+                                   (4096, "fidelity", "smollm2_fidelity_4k", 1.0)]:
+    left = total - (time.perf_counter() - t0)
+    if left < 30:
+        print(f"skipped {name}: {left:.0f} s left", flush=True)
+        continue
+    limit = left * share if share < 1 else left - 15
+    t = time.perf_counter()
+    rows = runner.run_eval(model, tok, tasks, runner.parse_methods(spec), [32, 64, 128, 256, 512], 50, length,
+                           f"{out}/{name}.jsonl", model_name="smollm2-135m-instruct", batch=25, time_limit=limit,
+                           samples=samples)
+    print(f"{name}: {len(rows)} rows in {time.perf_counter() - t:.0f} s (limit {limit:.0f} s); peak GPU memory "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+EOF
+wc -l "$OUT"/*.jsonl
+echo "eval seconds: $(( $(date +%s) - T0 ))"
