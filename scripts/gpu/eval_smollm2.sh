@@ -20,7 +20,7 @@ S=$(ls /tmp/lkv/eval_samples_*.jsonl.gz | paste -sd,)
 echo "samples: $S"
 export TQDM_MININTERVAL=20
 T0=$(date +%s)
-TOTAL=${EVAL_SECONDS:-250}
+TOTAL=${EVAL_SECONDS:-220}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # One process (one CUDA start, one model load) runs the three evaluations in turn, each stopping between
 # batches when its share of EVAL_SECONDS is spent. Every registered method but speckv: speckv needs a draft
