@@ -156,7 +156,7 @@ def main():
         keep = [(i, t) for i, t in zip(group, targets) if t is not None]
         for i, t in zip(group, targets):
             if t is None:
-                rows.append({"sample": samples[i].id, "family": samples[i].family, "no_response": True})
+                rows.append({"sample": f"{i}:{samples[i].id}", "family": samples[i].family, "no_response": True})
         if not keep:
             continue
         group, ts = [i for i, _ in keep], [t for _, t in keep]
@@ -179,7 +179,8 @@ def main():
                     f1 = [token_f1(x, r) for x, r in zip(answers, refs)]
                     del c
                 for k, i in enumerate(group):
-                    rows.append({"sample": samples[i].id, "family": samples[i].family, "method": name, "budget": b,
+                    rows.append({"sample": f"{i}:{samples[i].id}", "family": samples[i].family, "method": name,
+                                 "budget": b,
                                  "prompt_tokens": len(ids[i]), "response_tokens": len(ts[k].response),
                                  "recall": rec[k], "f1": f1[k], "answer": answers[k], "reference": refs[k]})
     with open(out / "rows.jsonl", "w") as f:

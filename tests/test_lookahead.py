@@ -153,3 +153,24 @@ def test_identity_ignores_dtype_and_the_injected_lora():
     la.create(a, n=2)
     assert la.model_identity(a) == ident
     assert la.model_identity(tiny_model(seed=9))["weights_sha256"] != ident["weights_sha256"]
+
+
+def test_the_shipped_module_for_the_default_model_is_complete():
+    d = la.MODULES_DIR / "smollm2-135m-instruct"
+    meta = la._read_meta(d)
+    assert (meta["n"], meta["rank"], meta["alpha"]) == (32, 8, 32)
+    assert meta["base_model"]["name"] == "smollm2-135m-instruct"
+    assert load_file(str(d / "lookahead_embeddings.safetensors"))["embeddings"].shape == (32, 576)
+    lora = load_file(str(d / "adapter_model.safetensors"))
+    assert len(lora) == 30 * 7 * 2  # A and B for q, k, v, o, gate, up, down in each of the 30 layers
+    assert json.loads((d / "adapter_config.json").read_text())["r"] == 8
+
+
+@pytest.mark.slow
+def test_the_shipped_module_loads_for_the_default_model_with_no_training():
+    from lookaheadkv.models import load_model
+
+    model, _ = load_model()
+    assert la.shipped_module(model).name == "smollm2-135m-instruct"
+    mod = la.use_module(model)
+    assert mod.n == 32 and la.use_module(model) is mod

@@ -10,8 +10,9 @@ source scripts/gpu/device_setup.sh
 OUT=${OUT:-/tmp/lkv/out}
 M=/tmp/lkv/module
 mkdir -p "$OUT/eval"
+python3 -c "from lookaheadkv.models import fetch; print(fetch(\"smollm2-135m-instruct\"))"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -m lookaheadkv.cli train --model smollm2-135m-instruct --out "$M" --device cuda \
+python3 -c "from lookaheadkv.cli import main; main()" train --model smollm2-135m-instruct --out "$M" --device cuda \
   --samples 2400 --min-tokens 300 --max-tokens 3000 --response-tokens 256 --epochs 2 --batch-size 8 \
   --collect-batch-size 64 --collect-time-limit 180 --time-limit 120 --checkpoint-every 200 2>&1 \
   | tr '\r' '\n' | awk '!/it\/s|step\/s|batch\/s/ || NR % 50 == 0' | tee "$OUT/train.log"
