@@ -244,3 +244,17 @@ def test_bad_input_is_one_line_error():
     with pytest.raises(LookaheadKVError, match="unknown method"):
         runner.parse_methods("snapkv,nope")
     assert get_method("snapkv").evicts
+
+
+def test_batched_recall_matches_core_definition():
+    from lookaheadkv.importance import importance_recall
+
+    g = torch.Generator().manual_seed(0)
+    truth = [torch.rand(3, 4, 40, generator=g) for _ in range(2)]
+    valid = torch.ones(3, 40, dtype=torch.bool)
+    valid[0, :5] = False  # a left-padded sequence
+    kept = [torch.rand(3, 2, 40, generator=g).topk(12, dim=-1).indices.sort(dim=-1).values, None]
+    got = runner.recall_per_sample(truth, kept, 12, 2, valid, {})
+    for i in range(3):
+        want = importance_recall([t[i:i + 1] for t in truth], [kept[0][i:i + 1], None], 12, 2, valid[i:i + 1])
+        assert got[i] == pytest.approx(want, abs=1e-12)

@@ -98,7 +98,7 @@ def plot(rows: list[dict], path: Path, by: str = "family", metric: str = "score"
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.16 if nrows == 1 else 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -37,9 +37,10 @@ from ..cache import crop
 from ..decode import Sampling, decode
 from ..errors import LookaheadKVError
 from ..generate import evict
-from ..importance import importance_recall, true_importance
+from ..importance import true_importance
 from ..methods import METHODS, Method, get_method
 from ..prefill import Prefill, forward, prefill
+from ..scoring import reduce_gqa
 from . import metrics
 from .tasks import Sample, make_sample, resolve_tasks
 
@@ -260,6 +261,27 @@ def slice_prefill(pf: Prefill, i: int) -> Prefill:
     return Prefill(cache, pf.input_ids[i:i + 1], pf.valid[i:i + 1], pf.next_logits[i:i + 1], {})
 
 
+def recall_per_sample(truth: list[torch.Tensor], kept: list[torch.Tensor | None], budget: int, n_kv_heads: int,
+                      valid: torch.Tensor, top_cache: dict | None = None) -> list[float]:
+    """importance.importance_recall for each sequence of a batch at once (one device sync, not one per layer
+    and sample): the share of the true top-`budget` positions per layer and KV head that `kept` holds,
+    averaged over layers and KV heads. truth: per layer [B, Hq, L]; valid [B, L]."""
+    shares = []
+    for li, (t, k) in enumerate(zip(truth, kept)):
+        top = None if top_cache is None else top_cache.get((budget, li))
+        if top is None:
+            t = reduce_gqa(t.float(), n_kv_heads, "mean").masked_fill(~valid[:, None, :], float("-inf"))
+            top = t.topk(min(budget, t.shape[-1]), dim=-1).indices
+            if top_cache is not None:
+                top_cache[(budget, li)] = top
+        if k is None:
+            shares.append(torch.ones(top.shape[:2], device=top.device))
+            continue
+        hit = torch.zeros(*top.shape[:2], valid.shape[-1], dtype=torch.bool, device=top.device).scatter_(-1, k, True)
+        shares.append(hit.gather(-1, top).float().mean(dim=-1))
+    return torch.stack(shares).mean(dim=(0, 2)).tolist()
+
+
 def answer_importance(model, pf: Prefill, after: list[int], n_answer: int) -> list[torch.Tensor]:
     """Per layer [1, Hq, L]: mean attention onto the prompt of the last n_answer of the rows `after` run
     after it (query-agnostic: the question, then the answer)."""
@@ -349,27 +371,34 @@ class Evaluator:
 
     def _rows(self, samples, enc, pf, copies, answers) -> list[dict]:
         tok = self.tokenizer
+        texts = [[tok.decode(a, skip_special_tokens=True).strip() for a in per] for per in answers]
+        truths: list[list[torch.Tensor] | None] = []
+        for i in range(len(samples)):
+            full_ids = answers[0][i]
+            if not full_ids:  # no answer, no true importance
+                truths.append(None)
+            elif self.query_agnostic:
+                truths.append(answer_importance(self.model, slice_prefill(pf, i), enc[i][1] + full_ids, len(full_ids)))
+            else:
+                truths.append(true_importance(self.model, slice_prefill(pf, i), torch.tensor([full_ids])))
+        have = next((t for t in truths if t is not None), None)
+        recalls: list[list[float | None]] = []
+        if have is not None:
+            truth = [torch.cat([t[li] if t is not None else torch.zeros_like(have[li]) for t in truths])
+                     for li in range(len(have))]
+            tops: dict = {}
+            for c in copies:
+                r = recall_per_sample(truth, c.kept, c.effective, self.n_kv, pf.valid, tops)
+                recalls.append([None if t is None else v for t, v in zip(truths, r)])
+        else:
+            recalls = [[None] * len(samples) for _ in copies]
         rows = []
         for i, s in enumerate(samples):
-            full_ids = answers[0][i]
-            full = tok.decode(full_ids, skip_special_tokens=True).strip()
-            truth = None
-            if full_ids:
-                one = slice_prefill(pf, i)
-                if self.query_agnostic:
-                    truth = answer_importance(self.model, one, enc[i][1] + full_ids, len(full_ids))
-                else:
-                    truth = true_importance(self.model, one, torch.tensor([full_ids]))
+            full = texts[0][i]
             prompt_tokens = len(enc[i][0]) + len(enc[i][1])
-            for c, ans in zip(copies, answers):
-                text = tok.decode(ans[i], skip_special_tokens=True).strip()
-                kept = [None if k is None else k[i:i + 1] for k in c.kept]
-                if all(k is None for k in kept):
-                    recall = 1.0
-                elif truth is None:
-                    recall = None
-                else:
-                    recall = importance_recall(truth, kept, c.effective, self.n_kv, pf.valid[i:i + 1])
+            for j, c in enumerate(copies):
+                text = texts[j][i]
+                recall = 1.0 if all(k is None for k in c.kept) else recalls[j][i]
                 row = {"model": self.model_name, "task": s.task, "family": s.family,
                        "length": s.meta.get("length"), "sample": s.id, "mode": self.mode, "method": c.method,
                        "budget": c.budget, "prompt_tokens": prompt_tokens,

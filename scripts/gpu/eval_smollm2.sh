@@ -15,6 +15,10 @@ set -uo pipefail
 source scripts/gpu/device_setup.sh
 OUT=${OUT:-/tmp/lkv/out}
 mkdir -p "$OUT"
+# Resume: rows already committed are copied in and skipped, so each call adds to them and returns the whole file.
+for f in results/eval/smollm2_4k.jsonl results/eval/smollm2_8k.jsonl results/eval/smollm2_fidelity_4k.jsonl; do
+  [ -f "$f" ] && cp "$f" "$OUT/"
+done
 for f in .gpu/eval_samples_*.jsonl.gz; do [ -f "$f" ] && cp "$f" /tmp/lkv/; done
 S=$(ls /tmp/lkv/eval_samples_*.jsonl.gz | paste -sd,)
 echo "samples: $S"

@@ -1,0 +1,20 @@
+"""Regenerate docs/eval.md's tables from the committed rows in results/eval/*.jsonl."""
+
+import re
+import sys
+from pathlib import Path
+
+from lookaheadkv.evaluation.report import table
+from lookaheadkv.evaluation.runner import read_rows
+
+root = Path(__file__).resolve().parent.parent
+rows = [r for p in sorted((root / "results" / "eval").glob("*.jsonl")) for r in read_rows(p)]
+doc = (root / "docs" / "eval.md").read_text(encoding="utf-8")
+tables = [table(rows, "score", "family"), table(rows, "recall", "family")]
+blocks = list(re.finditer(r"(?m)^\| model \|.*\n(?:^\|.*\n)+", doc))
+if len(blocks) != len(tables):
+    sys.exit(f"docs/eval.md has {len(blocks)} tables, expected {len(tables)}")
+for m, t in reversed(list(zip(blocks, tables))):
+    doc = doc[: m.start()] + t + "\n" + doc[m.end():]
+(root / "docs" / "eval.md").write_text(doc, encoding="utf-8")
+print(f"docs/eval.md: {len(rows)} rows")
