@@ -10,7 +10,8 @@
 #   call 2: carry [".whl", ".gpu/smollm2.part1", ".gpu/eval_samples_8k.jsonl.gz"],
 #           command `bash scripts/gpu/eval_smollm2.sh`
 # Rows are appended to $OUT/*.jsonl one flushed line each, so a run cut short still returns what it did;
-# EVAL_SECONDS (default 240) is shared out between the three runs, each stopping between batches.
+# EVAL_SECONDS (default 220) is shared out between the three runs, each stopping between batches;
+# EVAL_TASKS_4K (default ruler,qa) orders the 4K tasks, EVAL_SHARE_4K (default 0.55; 1: all) is their share.
 set -uo pipefail
 source scripts/gpu/device_setup.sh
 OUT=${OUT:-/tmp/lkv/out}
@@ -30,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # batches when its share of EVAL_SECONDS is spent. Every registered method but speckv: speckv needs a draft
 # model with SmolLM2's tokenizer, and none exists.
 ls lookaheadkv/modules 2>/dev/null || echo "no lookahead module shipped"
-timeout $(( TOTAL + 120 )) python3 - "$S" "$OUT" "$TOTAL" <<'EOF' 2>&1 | tr '\r' '\n' | tee "$OUT/eval.log"
+timeout $(( TOTAL + 120 )) python3 - "$S" "$OUT" "$TOTAL" "${EVAL_TASKS_4K:-ruler,qa}" "${EVAL_SHARE_4K:-0.55}" <<'EOF' 2>&1 | tr '\r' '\n' | tee "$OUT/eval.log"
 import sys, time
 import torch
 from lookaheadkv.evaluation import runner
@@ -45,7 +46,7 @@ spec = ",".join(m for m in METHODS if m != "speckv")
 print("methods:", spec, flush=True)
 model, tok = load_model("smollm2-135m-instruct", device="cuda", dtype=torch.float32)
 t0 = time.perf_counter()
-for length, tasks, name, share in [(4096, "ruler,qa", "smollm2_4k", 0.55), (8192, "ruler", "smollm2_8k", 0.7),
+for length, tasks, name, share in [(4096, sys.argv[4], "smollm2_4k", float(sys.argv[5])), (8192, "ruler", "smollm2_8k", 0.7),
                                    (4096, "fidelity", "smollm2_fidelity_4k", 1.0)]:
     left = total - (time.perf_counter() - t0)
     if left < 30:
