@@ -9,5 +9,5 @@ for p in .gpu/smollm2.part0 .gpu/smollm2.part1; do [ -f "$p" ] && cp "$p" /tmp/l
 g=/tmp/lkv/home/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f /tmp/lkv/home/models/smollm2-135m-instruct/.complete ] && [ -f /tmp/lkv/smollm2.part0 ] && [ -f /tmp/lkv/smollm2.part1 ]; then
   cat /tmp/lkv/smollm2.part0 /tmp/lkv/smollm2.part1 > "$g"
-  python3 -m lookaheadkv.cli models fetch smollm2-135m-instruct
+  python3 -c "from lookaheadkv.models import fetch; print(fetch('smollm2-135m-instruct'))"
 fi
