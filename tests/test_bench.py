@@ -136,31 +136,6 @@ def test_batched_score_and_select_equal_the_per_layer_formulas():
             assert torch.equal(got, ref)
 
 
-def test_rows_lora_computes_what_the_masked_peft_path_does():
-    """The benchmark's proposal (adapter on the lookahead rows only) against lookahead.py's single pass."""
-    from conftest import tiny_model
-
-    from lookaheadkv import lookahead
-    from lookaheadkv.bench.runner import rows_lora
-    from lookaheadkv.prefill import ExtraRows, prefill
-
-    model = tiny_model()
-    mod = lookahead.create(model, n=5)
-    g = torch.Generator().manual_seed(7)
-    for layer in lookahead._lora_layers(model):  # B starts at 0; a real adapter is not the identity
-        w = layer.lora_B[lookahead.ADAPTER].weight
-        w.data = torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.1
-    ids = torch.randint(3, 128, (1, 30), generator=g)
-    peft = prefill(model, ids, extra=lookahead.extra_rows(model, mod, 1))
-    ours = prefill(model, ids, extra=ExtraRows(lookahead.lookahead_embeds(model, mod, 1),
-                                               lambda first: rows_lora(model, first)))
-    plain = prefill(model, ids, extra=ExtraRows(lookahead.lookahead_embeds(model, mod, 1)))
-    for a, b, c in zip(peft.extra.mean(), ours.extra.mean(), plain.extra.mean()):
-        assert torch.allclose(a, b, atol=1e-6, rtol=0) and not torch.allclose(a, c, atol=1e-3)
-    for la, lb in zip(peft.cache.layers, ours.cache.layers):
-        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
-
-
 def test_report_renders_tables_targets_and_plots_from_a_results_file(result, tmp_path):
     from lookaheadkv.bench.report import check_targets, render
 

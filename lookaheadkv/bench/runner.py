@@ -17,7 +17,6 @@ import datetime
 import json
 import math
 import platform
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,8 +57,7 @@ class BenchConfig:
     draft_model: str = "llama-3.2-1b"  # SpecKV's draft: a shape (random weights, the target's vocabulary) or name
     lookahead_n: int = 32  # rows of the random lookahead module built when the model has none
     # Methods whose rows ride in the prefill (single-pass lookahead) also run as "<spec>/rows-only": the same
-    # extra rows without their adapter, so the paired difference shows what the adapter itself costs; and
-    # lookahead as "<spec>/rows-lora": its adapter computed on its own rows only (see rows_lora).
+    # extra rows without their adapter, so the paired difference shows what the adapter itself costs.
     split_extra_rows: bool = True
     seed: int = 0
 
@@ -116,8 +114,6 @@ class Bench:
         for spec, m in list(self.methods.items()):
             if cfg.split_extra_rows and m.evicts and m.prefill_extra(self.model) is not None:
                 self.methods[f"{spec}/rows-only"] = _rows_only(self.model, m)
-                if m.name == "lookahead":
-                    self.methods[f"{spec}/rows-lora"] = _rows_lora(self.model, m)
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     # ------------------------------------------------------------------------------------------ setup
@@ -433,41 +429,10 @@ class Bench:
 
 def _rows_only(model, m: Method) -> Method:
     """A copy of m whose extra prefill rows run without the context that switches their adapter on."""
-    import contextlib
 
     twin = copy.copy(m)
     extra = m.prefill_extra(model)
     twin.prefill_extra = lambda model: ExtraRows(extra.embeds, lambda first: contextlib.nullcontext())
-    return twin
-
-
-@contextlib.contextmanager
-def rows_lora(model, first: int) -> Iterator[None]:
-    """The lookahead LoRA added to rows >= first only, computed on those rows alone (a proposal for
-    lookahead.py, timed here as "<spec>/rows-lora"): PEFT's own path runs the adapter on every row and masks
-    the prompt rows afterwards, so its cost grows with the prompt. Same arithmetic as PEFT on the kept rows:
-    fp32 adapter output added to the fp32 base output, rounded once."""
-    from .. import lookahead
-
-    def hook(layer, args, output):
-        a, b = layer.lora_A[lookahead.ADAPTER], layer.lora_B[lookahead.ADAPTER]
-        x = args[0][..., first:, :]
-        delta = b(a(x.to(a.weight.dtype))) * layer.scaling[lookahead.ADAPTER]
-        output[..., first:, :] = (output[..., first:, :] + delta).to(output.dtype)  # promoted, as in PEFT
-        return output
-
-    handles = [layer.register_forward_hook(hook) for layer in lookahead._lora_layers(model)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _rows_lora(model, m: Method) -> Method:
-    twin = copy.copy(m)
-    extra = m.prefill_extra(model)
-    twin.prefill_extra = lambda model: ExtraRows(extra.embeds, lambda first: rows_lora(model, first))
     return twin
 
 
