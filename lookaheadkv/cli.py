@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import LookaheadKVError
-from .methods import METHODS
+from .methods import METHODS, parse_methods
 from .models import DEFAULT_MODEL, MODELS
 
 
@@ -180,7 +180,7 @@ def eval_cmd(model, tasks, methods, budgets, n, length, seed, batch, query_agnos
         runner.save_samples(list({s.id: s for s in [*known.values(), *made]}.values()), samples_file)
         click.echo(f"{len(made)} samples of {len(names)} tasks in {samples_file}", err=True)
         return
-    chosen = runner.parse_methods(methods)
+    chosen = parse_methods(methods)
     known = None
     if samples_file:
         if not Path(samples_file).exists():

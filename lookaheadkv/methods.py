@@ -6,6 +6,7 @@ core (pooling, GQA reduction, top-k) does the rest. Position and key-norm rules 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -184,3 +185,36 @@ def get_method(name: str | Method, **options) -> Method:
     if m.window < 0 or m.sinks < 0 or m.kernel < 1:
         raise LookaheadKVError("window and sinks must be >= 0 and kernel >= 1")
     return m
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """"laq:k=8:draft_budget=128" -> ("laq", {"k": 8, "draft_budget": 128}); values: int, float, true/false, text."""
+    name, *opts = spec.strip().split(":")
+    options = {}
+    for o in opts:
+        if "=" not in o:
+            raise LookaheadKVError(f"method option {o!r} in {spec!r} is not key=value")
+        k, v = o.split("=", 1)
+        options[k] = _value(v)
+    return name, options
+
+
+def parse_methods(spec: str | Sequence[str] | None) -> dict[str, Method]:
+    """"snapkv,lookahead:window=16" (or a list of such specs) -> {spec: Method}; None: every method."""
+    items = list(METHODS) if spec is None else spec.split(",") if isinstance(spec, str) else list(spec)
+    out = {}
+    for item in filter(None, (x.strip() for x in items)):
+        name, options = parse_spec(item)
+        out[item] = get_method(name, **options)
+    return out
+
+
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text

@@ -15,10 +15,8 @@ distractor paragraphs, HotpotQA questions (their own paragraphs plus others), an
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
-import string
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -32,9 +30,10 @@ from . import data
 from .cache import crop
 from .decode import Sampling, decode
 from .errors import LookaheadKVError
+from .evaluation.metrics import mean_ci, token_f1
 from .generate import build_prompt, evict
 from .importance import importance_recall, true_importance
-from .methods import Method, get_method
+from .methods import Method, get_method, parse_methods
 from .prefill import prefill
 
 FAMILIES = ("squad", "hotpotqa", "essays")
@@ -149,39 +148,6 @@ def heldout_samples(tokenizer, n: int, min_tokens: int = 1000, max_tokens: int =
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics
-
-def _normalize(text: str) -> list[str]:
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return text.split()
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style word F1 after lowercasing and dropping punctuation and articles (1.0 when both are empty)."""
-    p, r = _normalize(prediction), _normalize(reference)
-    if not p or not r:
-        return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its normal 95% confidence interval."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    m = sum(values) / n
-    if n == 1:
-        return m, float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m, 1.96 * sd / math.sqrt(n)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Runner
 
 def labelled(methods: Iterable[str | Method] | dict[str, str | Method]) -> dict[str, Method]:
     """{label: Method}: a dict keeps its labels; names and instances are labelled by their name."""
@@ -339,32 +305,6 @@ def timing_summary(rows: Iterable[dict]) -> str:
         p = ", ".join(f"{k} {sum(x) / len(x):.3f} ({len(x)})" for k, x in parts[label].items())
         lines.append(f"| {label} | {len(v)} | {sum(v) / len(v):.3f} | {p} |")
     return "\n".join(lines)
-
-
-def parse_methods(spec: str) -> dict[str, Method]:
-    """"snapkv,laq:k=8:draft_budget=128" -> {label: Method}; option values are ints, floats, true/false or text."""
-    out: dict[str, Method] = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        name, *opts = item.split(":")
-        options = {}
-        for o in opts:
-            if "=" not in o:
-                raise LookaheadKVError(f"method option {o!r} in {item!r} is not key=value")
-            k, v = o.split("=", 1)
-            options[k] = _value(v)
-        out[item] = get_method(name, **options)
-    return out
-
-
-def _value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main(argv: Sequence[str] | None = None) -> None:

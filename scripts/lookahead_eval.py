@@ -29,11 +29,12 @@ from lookaheadkv import lookahead as la
 from lookaheadkv import scoring
 from lookaheadkv import train as tr
 from lookaheadkv.decode import Sampling, decode
+from lookaheadkv.evaluation.metrics import mean_ci, token_f1
 from lookaheadkv.generate import build_prompt, evict
 from lookaheadkv.methods import get_method
 from lookaheadkv.models import load_model
 from lookaheadkv.prefill import prefill
-from lookaheadkv.recall import heldout_samples, mean_ci, token_f1
+from lookaheadkv.recall import heldout_samples
 
 GRID = [dict(pooling=p, kernel=k, window=w, keep_window=w > 0)
         for p, k in (("none", 1), ("max", 5), ("max", 7), ("avg", 5), ("avg", 7)) for w in (0, 8, 32)]

@@ -14,7 +14,7 @@ from lookaheadkv.evaluation.report import write_report
 from lookaheadkv.evaluation.ruler import REPEAT
 from lookaheadkv.evaluation.tasks import TASKS, make_sample, resolve_tasks
 from lookaheadkv.generate import generate_ids
-from lookaheadkv.methods import get_method
+from lookaheadkv.methods import get_method, parse_methods
 
 
 def approx_tokens(s) -> int:  # a tokenizer-free length (about 4 characters a token) for the generator tests
@@ -156,7 +156,7 @@ RUN = dict(tasks="niah_single_1", n=2, length=520, batch=2, model_name="tiny", p
 
 
 def methods(spec="snapkv,pyramidkv"):
-    return runner.parse_methods(spec)
+    return parse_methods(spec)
 
 
 def test_copies_decode_as_if_alone(model, tmp_path):
@@ -242,7 +242,7 @@ def test_bad_input_is_one_line_error():
     with pytest.raises(LookaheadKVError, match="unknown task"):
         resolve_tasks("niah_single_9")
     with pytest.raises(LookaheadKVError, match="unknown method"):
-        runner.parse_methods("snapkv,nope")
+        parse_methods("snapkv,nope")
     assert get_method("snapkv").evicts
 
 

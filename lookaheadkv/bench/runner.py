@@ -28,7 +28,7 @@ from .. import attention
 from ..cache import kv_bytes
 from ..errors import LookaheadKVError
 from ..generate import evict
-from ..methods import Method, get_method
+from ..methods import Method, get_method, parse_spec
 from ..prefill import ExtraRows, Prefill, forward, prefill
 from . import shapes
 from .timing import Clock, median, peak_bytes, reset_peak, sync, time_calls
@@ -72,34 +72,9 @@ def storage_bytes(cache) -> int:
     return sum(seen.values())
 
 
-def parse_spec(spec: str) -> tuple[str, dict]:
-    from ..recall import _value
-
-    name, *opts = spec.split(":")
-    options = {}
-    for o in opts:
-        if "=" not in o:
-            raise LookaheadKVError(f"method option {o!r} in {spec!r} is not key=value")
-        k, v = o.split("=", 1)
-        options[k] = _value(v)
-    return name, options
-
-
-def _load_method_modules() -> None:
-    """Methods that live in their own modules register themselves on import."""
-    import importlib
-
-    for mod in ("lookahead", "drafts"):
-        try:
-            importlib.import_module(f"..{mod}", __package__)
-        except ImportError:
-            pass
-
-
 class Bench:
     def __init__(self, cfg: BenchConfig):
         self.cfg = cfg
-        _load_method_modules()
         if cfg.dtype not in DTYPES:
             raise LookaheadKVError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():

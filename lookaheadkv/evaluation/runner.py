@@ -20,7 +20,6 @@ nothing.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 import time
@@ -38,24 +37,13 @@ from ..decode import Sampling, decode
 from ..errors import LookaheadKVError
 from ..generate import evict
 from ..importance import true_importance
-from ..methods import METHODS, Method, get_method
+from ..methods import Method
 from ..prefill import Prefill, forward, prefill
 from ..scoring import reduce_gqa
 from . import metrics
 from .tasks import Sample, make_sample, resolve_tasks
 
 ROW_KEY = ("model", "task", "length", "sample", "mode", "method", "budget")
-OPTIONAL_METHODS = ("lookaheadkv.lookahead", "lookaheadkv.drafts")  # register lookahead, laq, speckv if present
-
-
-def load_optional_methods() -> None:
-    for name in OPTIONAL_METHODS:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-
-
 def row_key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ROW_KEY)
 
@@ -95,35 +83,6 @@ class Sink:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
-
-
-def parse_methods(spec: str | Sequence[str] | None) -> dict[str, Method]:
-    """"snapkv,lookahead:window=16" -> {label: Method}; None: every registered method."""
-    load_optional_methods()
-    items = list(METHODS) if spec is None else [x.strip() for x in (spec.split(",") if isinstance(spec, str)
-                                                                      else spec) if x.strip()]
-    out: dict[str, Method] = {}
-    for item in items:
-        name, *opts = item.split(":")
-        options = {}
-        for o in opts:
-            if "=" not in o:
-                raise LookaheadKVError(f"method option {o!r} in {item!r} is not key=value")
-            k, v = o.split("=", 1)
-            options[k] = _value(v)
-        out[item] = get_method(name, **options)
-    return out
-
-
-def _value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 # ------------------------------------------------------------------------------------------------- prompts

@@ -35,13 +35,12 @@ timeout $(( TOTAL + 120 )) python3 - "$S" "$OUT" "$TOTAL" "${EVAL_TASKS_4K:-rule
 import sys, time
 import torch
 from lookaheadkv.evaluation import runner
-from lookaheadkv.methods import METHODS
+from lookaheadkv.methods import METHODS, parse_methods
 from lookaheadkv.models import load_model
 
 samples = {k: v for f in sys.argv[1].split(",") for k, v in runner.load_samples(f).items()}
 out, total = sys.argv[2], float(sys.argv[3])
 print(len(samples), "samples", flush=True)
-runner.load_optional_methods()
 spec = ",".join(m for m in METHODS if m != "speckv")
 print("methods:", spec, flush=True)
 model, tok = load_model("smollm2-135m-instruct", device="cuda", dtype=torch.float32)
@@ -54,7 +53,7 @@ for length, tasks, name, share in [(4096, sys.argv[4], "smollm2_4k", float(sys.a
         continue
     limit = left * share if share < 1 else left - 15
     t = time.perf_counter()
-    rows = runner.run_eval(model, tok, tasks, runner.parse_methods(spec), [32, 64, 128, 256, 512], 50, length,
+    rows = runner.run_eval(model, tok, tasks, parse_methods(spec), [32, 64, 128, 256, 512], 50, length,
                            f"{out}/{name}.jsonl", model_name="smollm2-135m-instruct", batch=25, time_limit=limit,
                            samples=samples)
     print(f"{name}: {len(rows)} rows in {time.perf_counter() - t:.0f} s (limit {limit:.0f} s); peak GPU memory "
