@@ -2,7 +2,8 @@
 # GPU side of the speed and memory benchmark (issue 6), in two back-to-back `run` calls, each carrying one
 # half of SmolLM2's GGUF (the default model's real weights; see scripts/gpu/device_setup.sh):
 #   call 1: carry [".whl", ".gpu/smollm2.part0"]  source scripts/gpu/device_setup.sh; bash scripts/gpu/bench.sh 1
-#   call 2: carry [".whl", ".gpu/smollm2.part1"]  source scripts/gpu/device_setup.sh; bash scripts/gpu/bench.sh 2
+#   call 2: carry [".whl", ".gpu/smollm2.part1"]  source scripts/gpu/device_setup.sh; bash scripts/gpu/bench.sh decode
+#   call 3: carry [".whl", ".gpu/smollm2.part2"]  source scripts/gpu/device_setup.sh; bash scripts/gpu/bench.sh 2
 # and, any time (nothing carried): `export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; bash scripts/gpu/bench.sh decode`.
 # Only the JSON files come back ($OUT/<run>.json, at most 8 files a call); on the CPU,
 # `python -m lookaheadkv.bench.report results/bench/<run>/bench.json` writes bench.md and the plots beside each.

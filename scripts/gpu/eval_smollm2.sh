@@ -4,11 +4,12 @@
 # Samples are made on the CPU machine beforehand (the GPU machine has no data sets):
 #   lookaheadkv eval --tasks ruler,qa,fidelity --n 50 --length 4096 --samples .gpu/eval_samples_4k.jsonl.gz --only-samples
 #   lookaheadkv eval --tasks ruler --n 50 --length 8192 --samples .gpu/eval_samples_8k.jsonl.gz --only-samples
-# (one file per call: a call carries at most 64 MiB, and half of the model's GGUF is 47 MiB of it)
+# (one file per call: a call carries at most 64 MiB, the ~18 MB tree and a 33 MB third of the model's GGUF)
 #   call 1: carry [".whl", ".gpu/smollm2.part0", ".gpu/eval_samples_4k.jsonl.gz"],
 #           command `source scripts/gpu/device_setup.sh; cp .gpu/eval_samples_4k.jsonl.gz /tmp/lkv/; echo staged`
 #   call 2: carry [".whl", ".gpu/smollm2.part1", ".gpu/eval_samples_8k.jsonl.gz"],
-#           command `bash scripts/gpu/eval_smollm2.sh`
+#           command `source scripts/gpu/device_setup.sh; cp .gpu/eval_samples_8k.jsonl.gz /tmp/lkv/; echo staged`
+#   call 3: carry [".whl", ".gpu/smollm2.part2"], command `bash scripts/gpu/eval_smollm2.sh`
 # Rows are appended to $OUT/*.jsonl one flushed line each, so a run cut short still returns what it did;
 # EVAL_SECONDS (default 220) is shared out between the three runs, each stopping between batches;
 # EVAL_TASKS_4K (default ruler,qa) orders the 4K tasks, EVAL_SHARE_4K (default 0.55; 1: all) is their share.

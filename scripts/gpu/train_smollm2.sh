@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU side: train the shipped lookahead module for smollm2-135m-instruct on one H200 and evaluate it on the
-# held-out test split, in one call (the model's GGUF halves staged as in scripts/gpu/device_setup.sh).
+# held-out test split, in one call (the model's GGUF parts staged as in scripts/gpu/device_setup.sh: three calls, one part each).
 #   call 1: carry [".whl", ".gpu/smollm2.part0"], command `source scripts/gpu/device_setup.sh; echo staged`
-#   call 2: carry [".whl", ".gpu/smollm2.part1"], command `bash scripts/gpu/train_smollm2.sh`
+#   call 2: carry [".whl", ".gpu/smollm2.part1"], command `source scripts/gpu/device_setup.sh; echo staged`
+#   call 3: carry [".whl", ".gpu/smollm2.part2"], command `bash scripts/gpu/train_smollm2.sh`
 # Brings back under $OUT: module.tar (the module + train_log.json), train.log, eval/{summary.md,grid.md,rows.jsonl}.
 # The time limits keep the call inside 10 minutes: collection and training stop early (logged) if slower.
 set -euo pipefail
