@@ -21,6 +21,7 @@ sequences draft exactly k tokens, so rows stay aligned (a sequence that ended ea
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ def _as_tensor(tokens: list[list[int]], device: torch.device) -> torch.Tensor:
 
 
 @dataclass
-class Drafted(Method):
+class Drafted(Method, abc.ABC):
     """Shared glimpse of the drafting methods: [last `window` prompt rows + k draft rows]; subclasses draft."""
 
     k: int = 8
@@ -61,9 +62,9 @@ class Drafted(Method):
     def prefill_rows(self) -> int:
         return self.window
 
+    @abc.abstractmethod
     def draft(self, model, pf: Prefill) -> torch.Tensor:
         """[B, n <= k] greedy draft tokens continuing the prompt (the first one from pf.next_logits)."""
-        raise NotImplementedError
 
     def glimpse(self, model, pf: Prefill) -> list[torch.Tensor]:
         last = self._last
