@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from functools import cache
 from pathlib import Path
 
@@ -71,3 +72,33 @@ def hotpotqa(split: str | None = None) -> list[dict]:
                     "paragraphs": [(t, "".join(s)) for t, s in item["context"]],
                     "supporting": sorted({t for t, _ in item["supporting_facts"]})})
     return out
+
+
+class TokenCounter:
+    """Token counts of text pieces, cached (paragraphs are reused across many prompts)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        if text not in self.cache:
+            self.cache[text] = len(self.tok(text, add_special_tokens=False)["input_ids"])
+        return self.cache[text]
+
+
+def fill_with_distractors(gold: list[str], pool: list[str], target: int, count: TokenCounter, rng: random.Random,
+                          candidates: int | None = None) -> str:
+    """The gold paragraphs plus distractors from `pool` (at most `candidates` of them tried) inserted at random
+    places, up to ~target tokens; a distractor that would overshoot is skipped, 20 skips in a row end it."""
+    parts, total, skips = list(gold), sum(count(p) + 2 for p in gold), 0
+    for p in rng.sample(pool, len(pool) if candidates is None else min(len(pool), candidates)):
+        if total >= target or skips >= 20:
+            break
+        n = count(p) + 2
+        if p in parts or total + n > target:
+            skips += 1
+            continue
+        parts.insert(rng.randint(0, len(parts)), p)
+        total, skips = total + n, 0
+    return "\n\n".join(parts)

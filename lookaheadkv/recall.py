@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import data
 from .cache import crop
+from .data import TokenCounter, fill_with_distractors
 from .decode import Sampling, decode
 from .errors import LookaheadKVError
 from .evaluation.metrics import mean_ci, token_f1
@@ -55,57 +56,26 @@ _CODE_NAMES = ("Aurora", "Basalt", "Cobalt", "Dune", "Ember", "Fjord", "Granite"
                "Kestrel", "Lantern", "Meadow", "Nimbus", "Orchid", "Pylon", "Quartz", "Raven", "Summit", "Tundra")
 
 
-class _Counter:
-    """Token counts of text pieces, cached (paragraphs are reused across samples)."""
 
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.cache: dict[str, int] = {}
-
-    def __call__(self, text: str) -> int:
-        if text not in self.cache:
-            self.cache[text] = len(self.tok(text, add_special_tokens=False)["input_ids"])
-        return self.cache[text]
-
-
-def _fill(gold: list[str], pool: list[str], target: int, count: _Counter, rng: random.Random) -> str:
-    """The gold paragraphs plus distractors drawn from `pool`, inserted at random places, up to ~target tokens
-    (a distractor that would overshoot is skipped; a few skips in a row end the search)."""
-    parts = list(gold)
-    total = sum(count(p) + 2 for p in parts)
-    skips = 0
-    for p in rng.sample(pool, len(pool)):
-        if total >= target or skips >= 20:
-            break
-        n = count(p) + 2
-        if p in parts or total + n > target:
-            skips += 1
-            continue
-        parts.insert(rng.randint(0, len(parts)), p)
-        total += n
-        skips = 0
-    return "\n\n".join(parts)
-
-
-def _squad(rng: random.Random, target: int, count: _Counter) -> Sample:
+def _squad(rng: random.Random, target: int, count: TokenCounter) -> Sample:
     items = data.squad("test")
     q = items[rng.randrange(len(items))]
     pool = sorted({x["context"] for x in items if x["title"] != q["title"]})
-    return Sample(f"squad:{q['id']}", "squad", _fill([q["context"]], pool, target, count, rng), q["question"],
-                  q["answers"])
+    context = fill_with_distractors([q["context"]], pool, target, count, rng)
+    return Sample(f"squad:{q['id']}", "squad", context, q["question"], q["answers"])
 
 
-def _hotpotqa(rng: random.Random, target: int, count: _Counter) -> Sample:
+def _hotpotqa(rng: random.Random, target: int, count: TokenCounter) -> Sample:
     items = data.hotpotqa("test")
     q = items[rng.randrange(len(items))]
     gold = [f"{t}: {p}" for t, p in q["paragraphs"]]
     others = [items[rng.randrange(len(items))] for _ in range(40)]
     pool = sorted({f"{t}: {p}" for o in others if o["id"] != q["id"] for t, p in o["paragraphs"]})
-    return Sample(f"hotpotqa:{q['id']}", "hotpotqa", _fill(gold, pool, target, count, rng), q["question"],
-                  [q["answer"]])
+    context = fill_with_distractors(gold, pool, target, count, rng)
+    return Sample(f"hotpotqa:{q['id']}", "hotpotqa", context, q["question"], [q["answer"]])
 
 
-def _essay(rng: random.Random, target: int, count: _Counter) -> Sample:
+def _essay(rng: random.Random, target: int, count: TokenCounter) -> Sample:
     """Test-split essays from a random one on, cut at a sentence near `target` tokens, a fact planted inside."""
     essays = data.essays("test")
     names = sorted(essays)
@@ -138,7 +108,7 @@ def heldout_samples(tokenizer, n: int, min_tokens: int = 1000, max_tokens: int =
     if not 0 < min_tokens <= max_tokens:
         raise LookaheadKVError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
     rng = random.Random(seed)
-    count = _Counter(tokenizer)
+    count = TokenCounter(tokenizer)
     out = []
     for i in range(n):
         family = families[i % len(families)]

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import data
+from .data import TokenCounter, fill_with_distractors
 from .errors import LookaheadKVError
 from .generate import build_prompt
 
@@ -41,31 +42,8 @@ class TrainPrompt:
         return build_prompt(tokenizer, self.context, self.question)
 
 
-class _Count:
-    def __init__(self, tokenizer):
-        self.tok, self.cache = tokenizer, {}
 
-    def __call__(self, text: str) -> int:
-        if text not in self.cache:
-            self.cache[text] = len(self.tok(text, add_special_tokens=False)["input_ids"])
-        return self.cache[text]
-
-
-def _fill(gold: list[str], pool: list[str], target: int, count: _Count, rng: random.Random) -> str:
-    parts, total, skips = list(gold), sum(count(p) + 2 for p in gold), 0
-    for p in rng.sample(pool, min(len(pool), 400)):
-        if total >= target or skips >= 20:
-            break
-        n = count(p) + 2
-        if p in parts or total + n > target:
-            skips += 1
-            continue
-        parts.insert(rng.randint(0, len(parts)), p)
-        total, skips = total + n, 0
-    return "\n\n".join(parts)
-
-
-def _sentences(rng: random.Random, target: int, count: _Count) -> list[str]:
+def _sentences(rng: random.Random, target: int, count: TokenCounter) -> list[str]:
     """Consecutive sentences of train-split essays, from a random place, about `target` tokens."""
     essays = data.essays(SPLIT)
     names = sorted(essays)
@@ -86,7 +64,8 @@ def _squad(i, rng, target, count):
     items = data.squad(SPLIT)
     q = items[rng.randrange(len(items))]
     pool = sorted({x["context"] for x in items if x["title"] != q["title"]})
-    return TrainPrompt(f"squad:{q['id']}", "squad", _fill([q["context"]], pool, target, count, rng), q["question"])
+    context = fill_with_distractors([q["context"]], pool, target, count, rng, candidates=400)
+    return TrainPrompt(f"squad:{q['id']}", "squad", context, q["question"])
 
 
 def _hotpotqa(i, rng, target, count):
@@ -95,7 +74,8 @@ def _hotpotqa(i, rng, target, count):
     others = [items[rng.randrange(len(items))] for _ in range(40)]
     pool = sorted({f"{t}: {p}" for o in others if o["id"] != q["id"] for t, p in o["paragraphs"]})
     gold = [f"{t}: {p}" for t, p in q["paragraphs"]]
-    return TrainPrompt(f"hotpotqa:{q['id']}", "hotpotqa", _fill(gold, pool, target, count, rng), q["question"])
+    context = fill_with_distractors(gold, pool, target, count, rng, candidates=400)
+    return TrainPrompt(f"hotpotqa:{q['id']}", "hotpotqa", context, q["question"])
 
 
 def _instruct(i, rng, target, count):
@@ -170,6 +150,6 @@ def training_prompts(tokenizer, n: int, min_tokens: int = 300, max_tokens: int =
     if not 0 < min_tokens <= max_tokens:
         raise LookaheadKVError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
     rng = random.Random(seed)
-    count = _Count(tokenizer)
+    count = TokenCounter(tokenizer)
     return [_BUILDERS[families[i % len(families)]](i, rng, rng.randint(min_tokens, max_tokens), count)
             for i in range(n)]
