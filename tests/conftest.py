@@ -16,3 +16,14 @@ def tiny_model(layers: int = 3, kv_heads: int = 2, heads: int = 4, vocab: int = 
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model()
+
+
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a left-padded batch (pad id 0)."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = p
+        mask[i, length - len(p):] = 1
+    return ids, mask

@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import left_pad, tiny_model
 
 from lookaheadkv import METHODS, LookaheadKVError, generate_ids, get_method
 from lookaheadkv.cache import kv_bytes
@@ -118,12 +118,8 @@ def test_decoding_after_eviction_uses_original_positions():
 def test_left_padded_batch_equals_single_runs_and_keeps_no_pad(tiny, name, budget):
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (60, 41, 52)]
-    length = max(len(p) for p in prompts)
-    ids = torch.zeros(3, length, dtype=torch.long)
-    mask = torch.zeros(3, length, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = p
-        mask[i, length - len(p):] = 1
+    ids, mask = left_pad(prompts)
+    length = ids.shape[1]
     batch, ev, _ = generate_ids(tiny, ids, mask, name, budget, Sampling(8), eos_ids=set(), window=8)
     for i, p in enumerate(prompts):
         single, _, _ = generate_ids(tiny, p[None], None, name, budget, Sampling(8), eos_ids=set(), window=8)

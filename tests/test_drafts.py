@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import left_pad, tiny_model
 
 from lookaheadkv import LookaheadKVError, generate_ids, get_method
 from lookaheadkv.cache import kv_bytes, kv_lengths
@@ -176,12 +176,8 @@ def test_a_single_sequence_draft_stops_at_eos(target, drafter):
 def test_left_padded_batch_equals_single_runs(target, drafter, name, sdpa_draft):
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (60, 41, 52)]
-    length = max(len(p) for p in prompts)
-    ids = torch.zeros(3, length, dtype=torch.long)
-    mask = torch.zeros(3, length, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = p
-        mask[i, length - len(p):] = 1
+    ids, mask = left_pad(prompts)
+    length = ids.shape[1]
     dm = drafter
     if sdpa_draft:  # a draft model left on its own attention implementation still drafts each prompt right
         dm = copy.deepcopy(drafter)
