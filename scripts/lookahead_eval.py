@@ -214,18 +214,7 @@ def summary(rows, methods, budgets, f1_methods, f1_budgets, a, chosen, seconds, 
              f"Module: {a.module}. {seconds:.0f} s on {hw}.", "",
              "## Importance recall (mean ± 95% CI over samples; layers and KV heads averaged)", "",
              "| method | " + " | ".join(f"B={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    for name in methods:
-        cells = []
-        for b in budgets:
-            m, ci = mean_ci([r["recall"] for r in scored if r["method"] == name and r["budget"] == b])
-            cells.append(f"{m:.3f} ± {ci:.3f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if "lookahead" in methods and "snapkv" in methods:
-        cells = []
-        for b in budgets:
-            (m, ci), _ = paired(scored, "lookahead", "snapkv", b, "recall")
-            cells.append(f"{m:+.3f} ± {ci:.3f}")
-        lines.append("| lookahead − snapkv (paired) | " + " | ".join(cells) + " |")
+    lines += _table_rows(scored, methods, budgets, "recall")
     families = sorted({r["family"] for r in scored})
     lines += ["", "Per family (mean recall):", "", "| method | family | " + " | ".join(f"B={b}" for b in budgets)
               + " |", "|---|---|" + "---|" * len(budgets)]
@@ -237,19 +226,26 @@ def summary(rows, methods, budgets, f1_methods, f1_budgets, a, chosen, seconds, 
     lines += ["", f"## Answer agreement with the full cache (token F1 of the first {a.answer_tokens} answer tokens "
               "against the full-cache answer's)", "", "| method | " + " | ".join(f"B={b}" for b in f1_budgets) + " |",
               "|---|" + "---|" * len(f1_budgets)]
-    for name in f1_methods:
+    lines += _table_rows(scored, f1_methods, f1_budgets, "f1")
+    return "\n".join(lines)
+
+
+def _table_rows(scored: list[dict], methods, budgets, metric: str) -> list[str]:
+    """One row per method (mean ± 95% CI per budget), then lookahead − snapkv paired when both ran."""
+    lines = []
+    for name in methods:
         cells = []
-        for b in f1_budgets:
-            m, ci = mean_ci([r["f1"] for r in scored if r["method"] == name and r["budget"] == b])
+        for b in budgets:
+            m, ci = mean_ci([r[metric] for r in scored if r["method"] == name and r["budget"] == b])
             cells.append(f"{m:.3f} ± {ci:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if "lookahead" in f1_methods and "snapkv" in f1_methods:
+    if "lookahead" in methods and "snapkv" in methods:
         cells = []
-        for b in f1_budgets:
-            (m, ci), _ = paired(scored, "lookahead", "snapkv", b, "f1")
+        for b in budgets:
+            (m, ci), _ = paired(scored, "lookahead", "snapkv", b, metric)
             cells.append(f"{m:+.3f} ± {ci:.3f}")
         lines.append("| lookahead − snapkv (paired) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
