@@ -21,6 +21,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from . import kernels
+
 NAME = "lookaheadkv"
 ROW_CHUNK = 256  # query rows scored at once when recording every row
 
@@ -48,6 +50,10 @@ class Recording:
         else:
             self.sums[layer] = probs_sum
             self.count[layer] = n_rows
+
+    def copy(self) -> Recording:
+        """A copy whose sums can be added to without changing this one (the tensors are shared)."""
+        return Recording(self.rows, self.columns, self.grad, dict(self.sums), dict(self.count))
 
     def merge(self, other: Recording) -> Recording:
         """Pool the rows of two recordings (e.g. a prompt window and draft rows)."""
@@ -111,6 +117,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_
         mask = storage_mask(key_valid, r, tk, first_row, device=query.device)  # [B|1, 1, R, Tk]
         logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
         return logits.softmax(dim=-1).sum(dim=3).reshape(b, hq, tk)
+    if kernels.available(query):  # fused: the logits never reach memory
+        return kernels.row_attention(query, key, scaling, first_row, key_valid)
     # Inference: the [B*Hkv, G*R, Tk] fp32 logits are the only large tensor; scaled inside the product, masked
     # only where the causal mask can hide a key, then one softmax and one sum (measured on the H200 at 32K:
     # ~0.7 ms a layer for the earlier seven-pass version, the bulk of SnapKV's eviction cost).

@@ -64,9 +64,15 @@ class Prefill:
         return not bool(self.valid.all())
 
     def clone(self) -> Prefill:
-        """An independent copy (its own cache tensors), so one prefill can serve many methods and budgets."""
-        return Prefill(copy.deepcopy(self.cache), self.input_ids, self.valid, self.next_logits,
-                       copy.deepcopy(self.recordings), copy.deepcopy(self.extra))
+        """A copy that one method may evict, extend and crop without touching this one, so one prefill serves
+        many methods and budgets. It shares the tensors: nothing here writes a cache tensor in place (appends
+        concatenate, crops slice, compaction gathers into new tensors), so copying them would only cost time
+        and memory (a deep copy per method x budget was a third of the evaluation's time)."""
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        return Prefill(cache, self.input_ids, self.valid, self.next_logits,
+                       {r: rec.copy() for r, rec in self.recordings.items()},
+                       None if self.extra is None else self.extra.copy())
 
     def key_valid(self, n_layers: int) -> list[torch.Tensor] | None:
         return [self.valid] * n_layers if self.padded else None

@@ -8,7 +8,7 @@ from lookaheadkv.evaluation.report import table
 from lookaheadkv.evaluation.runner import read_rows
 
 root = Path(__file__).resolve().parent.parent
-rows = [r for p in sorted((root / "results" / "eval").glob("smollm2_*.jsonl")) for r in read_rows(p)]
+rows = [r for p in sorted((root / "results" / "eval").glob("smollm2_*.jsonl.gz")) for r in read_rows(p)]
 doc = (root / "docs" / "eval.md").read_text(encoding="utf-8")
 tables = [table(rows, "score", "family"), table(rows, "recall", "family")]
 blocks = list(re.finditer(r"(?m)^\| model \|.*\n(?:^\|.*\n)+", doc))

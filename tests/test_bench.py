@@ -150,4 +150,5 @@ def test_report_renders_tables_targets_and_plots_from_a_results_file(result, tmp
     targets = {t["target"]: t for t in check_targets(gpu)}
     snap = next(r for r in res["ttft"] if r["method"] == "snapkv:window=8" and r["context"] == 56)
     t = targets["snapkv:window=8 overhead <= 1% of full TTFT"]
-    assert t["value"] == snap["overhead"] and t["met"] == (snap["overhead"] <= 0.01) and t["context"] == 56
+    assert t["value"] == snap["overhead"] and t["context"] == 56
+    assert t["met"] == (max(snap["overhead"], snap["overhead_stages"]) <= 0.01)  # both measures must agree

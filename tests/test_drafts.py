@@ -10,7 +10,7 @@ from conftest import left_pad, tiny_model
 
 from lookaheadkv import LookaheadKVError, generate_ids, get_method
 from lookaheadkv.cache import kv_bytes, kv_lengths
-from lookaheadkv.decode import Sampling
+from lookaheadkv.decode import Sampling, decode
 from lookaheadkv.generate import evict
 from lookaheadkv.prefill import prefill
 
@@ -272,3 +272,22 @@ def test_cli_draft_model_option(tmp_path):
         res = CliRunner().invoke(main, base + extra)
         lines = [x for x in res.output.strip().splitlines() if x.strip()]
         assert res.exit_code == 1 and len(lines) == 1 and match in lines[0], res.output
+
+
+def test_clone_shares_tensors_and_a_drafting_eviction_of_it_leaves_the_prefill_unchanged(target):
+    """Prefill.clone shares the cache tensors; LAQ on the clone (it appends draft rows, crops them, merges
+    recordings, compacts) and decoding after it must leave the original prefill bit for bit as it was."""
+    ids, mask = left_pad([prompt(60, 3)[0], prompt(41, 4)[0]])
+    pf = prefill(target, ids, mask, record_rows=[4, 1])
+    keys = [(layer.keys.clone(), layer.values.clone()) for layer in pf.cache.layers]
+    sums = {r: {li: t.clone() for li, t in rec.sums.items()} for r, rec in pf.recordings.items()}
+    c = pf.clone()
+    assert all(a.keys.data_ptr() == b.keys.data_ptr() for a, b in zip(pf.cache.layers, c.cache.layers))
+    ev = evict(target, c, method("laq", window=4, k=3), 16)
+    decode(target, c, ev.key_valid, set(), Sampling(max_new_tokens=4))
+    assert kv_lengths(c.cache)[0] > 16 and kv_lengths(pf.cache) == [60] * 3
+    for layer, (k, v) in zip(pf.cache.layers, keys):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    for r, rec in pf.recordings.items():
+        assert rec.count == {li: r for li in range(3)}
+        assert all(torch.equal(rec.sums[li], t) for li, t in sums[r].items())

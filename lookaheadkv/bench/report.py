@@ -44,7 +44,10 @@ def check_targets(result: dict) -> list[dict]:
     timed = not str(result["meta"]["config"]["device"]).startswith("cpu")  # the speed targets are the GPU's
     for label, row in at.items():
         if timed and _name(label) in ("snapkv", "pyramidkv", "lookahead") and "/rows-only" not in label:
-            add(f"{label} overhead <= 1% of full TTFT", row["overhead"], 0.01, row["overhead"] <= 0.01, row)
+            # Met only when both measures agree: the paired TTFT difference (the definition, +-1% of noise at
+            # 32K) and the sum of the directly timed stages (precise, but blind to anything untimed).
+            add(f"{label} overhead <= 1% of full TTFT", row["overhead"], 0.01,
+                max(row["overhead"], row["overhead_stages"]) <= 0.01, row)
     laq = next((r for lbl, r in at.items() if _name(lbl) == "laq"), None)
     for label in ("lookahead", "lookahead/rows-lora"):
         look = at.get(label)
@@ -134,14 +137,21 @@ def summary(result: dict, ignore: tuple[str, ...] = ()) -> str:
     ttft = result["ttft"]
     ctx = max(r["context"] for r in ttft)
     lines = [f"| method ({ctx}-token prompt, budget {result['meta']['config']['budget']}) | TTFT (s) | "
-             "overhead (paired TTFT) | largest eviction stages (ms) |", "|---|---|---|---|"]
+             "overhead (paired TTFT) | overhead (timed stages) | largest eviction stages (ms) |",
+             "|---|---|---|---|---|"]
     for r in ttft:
         if r["context"] != ctx:
             continue
         st = {k: v for k, v in r["stages_s"].items() if k != "prefill" and k not in ignore}
         top = sorted(st.items(), key=lambda kv: -kv[1])[:3] if r["budget"] < r["context"] else []
-        lines.append(f"| {r['method']} | {r['ttft_s']:.3f} | {_pct(r['overhead'])} | "
+        lines.append(f"| {r['method']} | {r['ttft_s']:.3f} | {_pct(r['overhead'])} | {_pct(r['overhead_stages'])} | "
                      + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in top) + " |")
+    fused = [r for r in ttft if r["context"] == ctx and "record_pytorch_s" in r]
+    if fused:
+        r = fused[0]
+        lines += ["", f"Row attention ({r['method']}'s recorded rows, all layers, {ctx} keys): "
+                  f"{r['stages_s']['record'] * 1e3:.2f} ms with the fused Triton kernel, "
+                  f"{r['record_pytorch_s'] * 1e3:.2f} ms on the PyTorch path."]
     methods = [m for m in dict.fromkeys(r["method"] for r in ttft) if m != "full"]
     lines += ["", "| context | full TTFT (s) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
     for c in sorted({r["context"] for r in ttft}):

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from .. import attention
+from .. import attention, kernels
 from ..cache import kv_bytes
 from ..errors import LookaheadKVError
 from ..generate import evict
@@ -81,6 +81,7 @@ class Bench:
             raise LookaheadKVError("--device cuda asked for, but no CUDA device is available; use --device cpu")
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
+        clock = Clock("cpu")
         self.model, self.note = shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights)
         self.notes: list[str] = [self.note]
         self.methods = {spec: self._method(spec) for spec in cfg.methods}
@@ -90,6 +91,7 @@ class Bench:
             if cfg.split_extra_rows and m.evicts and m.prefill_extra(self.model) is not None:
                 self.methods[f"{spec}/rows-only"] = _rows_only(self.model, m)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.seconds = {"build": clock.lap()}  # wall time of each phase, to plan runs on a rationed device
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -175,15 +177,16 @@ class Bench:
             if m.evicts:
                 del m.glimpse
 
-    def _record_direct(self, m: Method, length: int) -> float:
+    def _record_direct(self, m: Method, length: int) -> dict[str, float]:
         """Seconds the in-prefill recording of this method's rows costs over all layers, timed directly on
-        query and key tensors of the model's shapes (the recording is otherwise hidden inside the prefill)."""
+        query and key tensors of the model's shapes (the recording is otherwise hidden inside the prefill):
+        {"used": the path the prefill takes, and, where that is the fused kernel, "pytorch": the other path}."""
         rows = m.prefill_rows() if m.evicts else 0
         extra = m.prefill_extra(self.model) if m.evicts else None
         if extra is not None:
             rows = extra.embeds.shape[1]
         if rows == 0:
-            return 0.0
+            return {"used": 0.0}
         rows = length if rows < 0 else rows
         cfg = self.model.config
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -197,7 +200,11 @@ class Bench:
             for _ in range(cfg.num_hidden_layers):
                 attention._record(rec, layer, q, k, d**-0.5, None)
 
-        return median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))
+        out = {"used": median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))}
+        if kernels.available(q):
+            with kernels.disabled():
+                out["pytorch"] = median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))
+        return out
 
     def _adapter_direct(self, m: Method, length: int) -> float:
         """Seconds the adapter of a single-pass method's extra rows adds to its prefill of `length` prompt rows
@@ -249,7 +256,8 @@ class Bench:
                 overhead = [(a["ttft"] - f["ttft"]) / f["ttft"] for a, f in zip(rs, full)]
                 stages = {k: median([x["stages"].get(k, 0.0) for x in rs]) for k in rs[0]["stages"]}
                 m = self.methods[label]
-                record = self._record_direct(m, length)
+                paths = self._record_direct(m, length)
+                record = paths["used"]
                 extra = m.evicts and m.prefill_extra(self.model) is not None
                 prefill_delta = median([a["stages"]["prefill"] - f["stages"]["prefill"] for a, f in zip(rs, full)])
                 after = sum(v for k, v in stages.items() if k != "prefill")
@@ -271,6 +279,7 @@ class Bench:
                     "storage_bytes": rs[0]["storage_bytes"], "kept_tokens": rs[0]["kept_tokens"],
                     "peak_bytes": max((x["peak_bytes"] or 0) for x in rs) or None,
                     "ttft_runs_s": [x["ttft"] for x in rs], "overhead_runs": overhead,
+                    **({"record_pytorch_s": paths["pytorch"]} if "pytorch" in paths else {}),
                 })
             del ids
         return out
@@ -377,13 +386,16 @@ class Bench:
         n_ttft = len(self.cfg.contexts) * (self.cfg.warmup + self.cfg.repeats) * len(self.methods)
         n_caches = 1 + len(self.cfg.decode_budgets) * (1 + sum(s in self.methods for s in self.cfg.decode_methods))
         total = n_ttft + len(self.cfg.decode_batches) * n_caches
+        clock = Clock("cpu")
         with tqdm(total=total, desc="bench", unit="run") as bar:
             ttft = self.ttft(bar)
+            self.seconds["ttft"] = clock.lap()
             if checkpoint is not None:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 checkpoint.write_text(json.dumps({"meta": self.meta(), "ttft": ttft, "decode": [], "capacity": {},
                                                   "partial": "decode runs not finished"}, indent=1) + "\n")
             decode = self.decode(bar) if self.cfg.decode_batches else []
+            self.seconds["decode"] = clock.lap()
         return {"meta": self.meta(), "ttft": ttft, "decode": decode, "capacity": self.capacity(ttft, decode)}
 
     def meta(self) -> dict:
@@ -398,7 +410,9 @@ class Bench:
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
             or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "weights_bytes": shapes.weight_bytes(self.model),
+            "weights_bytes": shapes.weight_bytes(self.model), "seconds": self.seconds,
+            "row_attention": "fused Triton kernel" if kernels.available(next(self.model.parameters()))
+            else "PyTorch",
         }
 
 

@@ -49,12 +49,15 @@ def row_key(row: dict) -> tuple:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a results file; a line cut off by an interrupted run is skipped."""
+    """Rows of a results file (gzip when the name ends in .gz); a line cut off by an interrupted run is skipped."""
+    import gzip
+
     p = Path(path)
     if not p.exists():
         return []
+    data = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
     rows = []
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in data.decode("utf-8").splitlines():
         try:
             rows.append(json.loads(line))
         except ValueError:

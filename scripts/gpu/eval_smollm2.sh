@@ -10,29 +10,29 @@
 #   call 2: carry [".whl", ".gpu/smollm2.part1", ".gpu/eval_samples_8k.jsonl.gz"],
 #           command `source scripts/gpu/device_setup.sh; cp .gpu/eval_samples_8k.jsonl.gz /tmp/lkv/; echo staged`
 #   call 3: carry [".whl", ".gpu/smollm2.part2"], command `bash scripts/gpu/eval_smollm2.sh`
-# Rows are appended to $OUT/*.jsonl one flushed line each, so a run cut short still returns what it did;
-# EVAL_SECONDS (default 220) is shared out between the three runs, each stopping between batches;
-# EVAL_TASKS_4K (default ruler,qa) orders the 4K tasks, EVAL_SHARE_4K (default 0.55; 1: all) is their share.
+# Rows are appended to $OUT/*.jsonl one flushed line each (gzipped at the end), so a run cut short still returns
+# what it did;
+# the three runs (4K RULER + QA, 8K RULER, 4K fidelity) go in turn inside EVAL_SECONDS (default 470), each
+# stopping between batches.
 set -uo pipefail
 source scripts/gpu/device_setup.sh
 OUT=${OUT:-/tmp/lkv/out}
 mkdir -p "$OUT"
 # Resume: rows already committed are copied in and skipped, so each call adds to them and returns the whole file.
-for f in results/eval/smollm2_4k.jsonl results/eval/smollm2_8k.jsonl results/eval/smollm2_fidelity_4k.jsonl; do
-  [ -f "$f" ] && cp "$f" "$OUT/"
+# (Kept gzipped in the repo: a file coming back may hold 16 MiB, and the tree that travels must stay small.)
+for f in results/eval/smollm2_*.jsonl.gz; do
+  [ -f "$f" ] && gunzip -c "$f" > "$OUT/$(basename "$f" .gz)"
 done
 for f in .gpu/eval_samples_*.jsonl.gz; do [ -f "$f" ] && cp "$f" /tmp/lkv/; done
 S=$(ls /tmp/lkv/eval_samples_*.jsonl.gz | paste -sd,)
 echo "samples: $S"
 export TQDM_MININTERVAL=20
 T0=$(date +%s)
-TOTAL=${EVAL_SECONDS:-220}
+TOTAL=${EVAL_SECONDS:-470}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# One process (one CUDA start, one model load) runs the three evaluations in turn, each stopping between
-# batches when its share of EVAL_SECONDS is spent. Every registered method but speckv: speckv needs a draft
-# model with SmolLM2's tokenizer, and none exists.
+# One process (one CUDA start, one model load) runs the three evaluations in turn.
 ls lookaheadkv/modules 2>/dev/null || echo "no lookahead module shipped"
-timeout $(( TOTAL + 120 )) python3 - "$S" "$OUT" "$TOTAL" "${EVAL_TASKS_4K:-ruler,qa}" "${EVAL_SHARE_4K:-0.55}" <<'EOF' 2>&1 | tr '\r' '\n' | tee "$OUT/eval.log"
+timeout $(( TOTAL + 60 )) python3 - "$S" "$OUT" "$TOTAL" <<'EOF' 2>&1 | tr '\r' '\n' | tee "$OUT/eval.log"
 import sys, time
 import torch
 from lookaheadkv.evaluation import runner
@@ -42,23 +42,27 @@ from lookaheadkv.models import load_model
 samples = {k: v for f in sys.argv[1].split(",") for k, v in runner.load_samples(f).items()}
 out, total = sys.argv[2], float(sys.argv[3])
 print(len(samples), "samples", flush=True)
-spec = ",".join(m for m in METHODS if m != "speckv")
+# SpecKV drafts with the target itself: no smaller model shares SmolLM2's tokenizer. Its draft is then the
+# full cache's own answer, an upper bound for draft-based selection (its cost is not SpecKV's).
+spec = ",".join(m for m in METHODS if m != "speckv") + ",speckv:draft_model=smollm2-135m-instruct"
 print("methods:", spec, flush=True)
 model, tok = load_model("smollm2-135m-instruct", device="cuda", dtype=torch.float32)
 t0 = time.perf_counter()
-for length, tasks, name, share in [(4096, sys.argv[4], "smollm2_4k", float(sys.argv[5])), (8192, "ruler", "smollm2_8k", 0.7),
-                                   (4096, "fidelity", "smollm2_fidelity_4k", 1.0)]:
-    left = total - (time.perf_counter() - t0)
-    if left < 30:
+# In order of importance; each stops between batches once the time is spent (a batch of 50 at 8K takes up
+# to ~1 min, hence the margin), and a rerun resumes where it stopped.
+for length, tasks, name in [(4096, "ruler,qa", "smollm2_4k"), (8192, "ruler", "smollm2_8k"),
+                            (4096, "fidelity", "smollm2_fidelity_4k")]:
+    left = total - (time.perf_counter() - t0) - 45
+    if left < 20:
         print(f"skipped {name}: {left:.0f} s left", flush=True)
         continue
-    limit = left * share if share < 1 else left - 15
     t = time.perf_counter()
     rows = runner.run_eval(model, tok, tasks, parse_methods(spec), [32, 64, 128, 256, 512], 50, length,
-                           f"{out}/{name}.jsonl", model_name="smollm2-135m-instruct", batch=25, time_limit=limit,
+                           f"{out}/{name}.jsonl", model_name="smollm2-135m-instruct", batch=50, time_limit=left,
                            samples=samples)
-    print(f"{name}: {len(rows)} rows in {time.perf_counter() - t:.0f} s (limit {limit:.0f} s); peak GPU memory "
+    print(f"{name}: {len(rows)} rows in {time.perf_counter() - t:.0f} s (limit {left:.0f} s); peak GPU memory "
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
 EOF
 wc -l "$OUT"/*.jsonl
+gzip -f "$OUT"/*.jsonl
 echo "eval seconds: $(( $(date +%s) - T0 ))"
