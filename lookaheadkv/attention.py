@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -25,7 +24,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from . import kernels
 
 NAME = "lookaheadkv"
-_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ROW_CHUNK = 256  # query rows scored at once when recording every row
 
 
@@ -162,9 +160,6 @@ def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=Non
         for rec in records:
             with torch.set_grad_enabled(rec.grad and torch.is_grad_enabled()):
                 _record(rec, module, query, key, scaling, valid)
-    if query.is_cuda:  # cuDNN's SDPA builds a plan per new key length: every decode step, every layer after
-        with sdpa_kernel(_NO_CUDNN):  # PyramidKV (measured on the H200: ~1 s a step instead of 25 ms)
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

@@ -22,7 +22,6 @@ sequences draft exactly k tokens, so rows stay aligned (a sequence that ended ea
 from __future__ import annotations
 
 import abc
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +72,7 @@ class Drafted(Method, abc.ABC):
         rec = None
         if self.window > 0:
             base = pf.recordings[self.window]  # copied, so the prefill's own recording serves other methods
-            rec = dataclasses.replace(base, sums=dict(base.sums), count=dict(base.count))
+            rec = base.copy()
         if self.k > 0:
             tokens = self.draft(model, pf)
             if tokens.shape[1] > 0:

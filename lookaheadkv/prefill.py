@@ -13,10 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from .attention import Recording, forward_state
 from .cache import crop
+
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _cache_kw(model) -> str:
@@ -26,9 +29,14 @@ def _cache_kw(model) -> str:
 
 def forward(model, cache: DynamicCache, position_ids: torch.Tensor, input_ids: torch.Tensor | None = None,
             inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 1):
-    """One model call over new rows appended to `cache` at `position_ids`; returns the logits."""
-    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=True,
-                logits_to_keep=logits_to_keep, **{_cache_kw(model): cache})
+    """One model call over new rows appended to `cache` at `position_ids`; returns the logits.
+
+    Every model call of the pipeline comes through here, so SDPA's backends are chosen here, once a call:
+    cuDNN's builds a plan for every new key length, i.e. every decode step and, after PyramidKV's per-layer
+    budgets, every layer (measured on the H200: ~1 s a decode step instead of 25 ms), so it is left out."""
+    with sdpa_kernel(_NO_CUDNN) if model.device.type == "cuda" else contextlib.nullcontext():
+        out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=logits_to_keep, **{_cache_kw(model): cache})
     return out.logits
 
 
