@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -98,10 +99,7 @@ def storage_mask(key_valid: torch.Tensor | None, n_rows: int, n_keys: int, first
     key_idx = torch.arange(n_keys, device=device)[None, :]
     mask = (key_idx <= row_idx)[None, None]
     if key_valid is not None:
-        valid = key_valid
-        if valid.shape[-1] < n_keys:  # keys appended after the mask was made are real tokens
-            valid = torch.cat([valid, valid.new_ones(valid.shape[0], n_keys - valid.shape[-1])], dim=-1)
-        mask = (mask & valid[:, None, None, :]) | (key_idx == row_idx)[None, None]
+        mask = (mask & key_valid[:, None, None, :n_keys]) | (key_idx == row_idx)[None, None]
     return mask
 
 
@@ -144,7 +142,10 @@ def _record(rec: Recording, module: torch.nn.Module, query: torch.Tensor, key: t
     total = None
     for s in range(start, n_q, ROW_CHUNK):
         e = min(s + ROW_CHUNK, n_q)
-        part = row_attention(query[:, :, s:e], key, scaling, n_k - n_q + s, key_valid)
+        seen = n_k - n_q + e  # keys past the chunk's last row are causally hidden from all of its rows
+        part = row_attention(query[:, :, s:e], key[:, :, :seen], scaling, n_k - n_q + s,
+                             None if key_valid is None else key_valid[:, :seen])
+        part = F.pad(part, (0, n_k - seen))
         total = part if total is None else total + part
     rec.add(module.layer_idx, total, rows)
 
@@ -154,6 +155,10 @@ def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=Non
     if state is not None:
         scaling = module.scaling if scaling is None else scaling
         valid = None if state.key_valid is None else state.key_valid[module.layer_idx]
+        if valid is not None and valid.shape[-1] < key.shape[2]:
+            # Keys appended after the mask was made (draft, lookahead or answer rows) are real tokens. Made
+            # whole here, once, for both the recording and the mask (the fused kernel reads exactly Tk flags).
+            valid = F.pad(valid, (0, key.shape[2] - valid.shape[-1]), value=True)
         if valid is not None:
             attention_mask = storage_mask(valid, query.shape[2], key.shape[2])
         records = state.record if isinstance(state.record, list) else [state.record] if state.record else []

@@ -141,6 +141,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_
     rows [B, Hq, R, D] (storage index first_row..) of their softmax attention over keys [B, Hkv, Tk, D]."""
     b, hq, r, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
+    if key_valid is not None and key_valid.shape[-1] != tk:  # the kernel reads exactly Tk flags a sequence
+        raise ValueError(f"key_valid holds {key_valid.shape[-1]} flags for {tk} keys")
     query = query if query.stride(-1) == 1 else query.contiguous()
     key = key.to(query.dtype)
     key = key if key.stride(-1) == 1 else key.contiguous()

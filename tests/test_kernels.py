@@ -46,6 +46,21 @@ with kernels.disabled():
 out["snapkv_max_err"] = max((a - b).abs().max().item() for a, b in zip(got, ref))
 out["snapkv_same_top16"] = all(bool((a.topk(16).indices.sort().values == b.topk(16).indices.sort().values).all())
                                for a, b in zip(got, ref))
+# Rows run after a padded prompt (draft, lookahead, answer rows): the prompt's pad flags are shorter than the
+# keys; the appended keys are real tokens on both paths.
+from lookaheadkv import attention
+from lookaheadkv.prefill import attend_rows
+pf = prefill(model, ids, mask)
+extra = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]], device=dev)
+got = attend_rows(model, pf, input_ids=extra).mean()
+with kernels.disabled():
+    ref = attend_rows(model, pf, input_ids=extra).mean()
+out["after_prompt_max_err"] = max((a - b).abs().max().item() for a, b in zip(got, ref))
+# Every row recorded (H2O) in chunks that skip the keys after each chunk's last row equals one whole chunk.
+whole = prefill(model, ids, mask, record_rows=-1).recording.mean()
+attention.ROW_CHUNK = 16
+chunked = prefill(model, ids, mask, record_rows=-1).recording.mean()
+out["chunked_max_err"] = max((a - b).abs().max().item() for a, b in zip(whole, chunked))
 print(json.dumps(out))
 """
 
@@ -64,3 +79,5 @@ def test_fused_row_attention_equals_pytorch_path():
         assert case["max_err"] < 1e-5, case  # bf16 products are exact in the kernel's tf32 dot
     assert out["snapkv_max_err"] < 1e-5
     assert out["snapkv_same_top16"]
+    assert out["after_prompt_max_err"] < 1e-5
+    assert out["chunked_max_err"] < 1e-5

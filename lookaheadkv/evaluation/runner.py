@@ -19,11 +19,13 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +280,24 @@ class Evaluator:
         self.dropped: set[str] = set()
         self.skipped: set[tuple[str, int]] = set()
         self.limit = getattr(cfg, "max_position_embeddings", None)
+        self.seconds: defaultdict[str, float] = defaultdict(float)  # stage -> seconds, over the whole run
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Adds the block's seconds to self.seconds[name] (device work included: synchronised at both ends)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.seconds[name] += time.perf_counter() - t0
+
+    def time_report(self) -> str:
+        total = sum(self.seconds.values()) or 1.0
+        parts = sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        return "time by stage: " + ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in parts)
 
     @property
     def mode(self) -> str:
@@ -287,7 +307,8 @@ class Evaluator:
     def run(self, samples: Sequence[Sample], wanted: set[tuple[str, int | None]]) -> list[dict]:
         """Rows for `samples` (one task) and the wanted (method label, budget) pairs; the full cache always."""
         model = self.model
-        enc = [encode_sample(self.tokenizer, s) for s in samples]
+        with self.stage("tokenize"):
+            enc = [encode_sample(self.tokenizer, s) for s in samples]
         max_new = max(s.max_new_tokens for s in samples)
         longest = max(len(a) + len(b) for a, b in enc)
         if self.limit is not None and longest + max_new > self.limit:
@@ -302,12 +323,14 @@ class Evaluator:
         methods = {k: m for k, m in self.methods.items()
                    if k not in self.dropped and m.evicts and any(w[0] == k for w in wanted)}
         rows_wanted = sorted({m.prefill_rows() for m in methods.values()} - {0})
-        pf = prefill(model, ids, valid, record_rows=rows_wanted)
+        with self.stage("prefill"):
+            pf = prefill(model, ids, valid, record_rows=rows_wanted)
         copies = [Copy("full", None, pf, [None] * self.n_layers, pf.key_valid(self.n_layers), pf.length, 0.0)]
         for label, m in methods.items():
             t0 = time.perf_counter()
             try:
-                scores = m.scores(model, pf.clone())
+                with self.stage(f"score {label}"):
+                    scores = m.scores(model, pf.clone())
             except LookaheadKVError as e:
                 self.dropped.add(label)
                 self.note(f"method {label} dropped from this run: {e}")
@@ -320,7 +343,8 @@ class Evaluator:
                     continue
                 c = pf.clone()
                 try:
-                    ev = evict(model, c, fixed, b)
+                    with self.stage("evict"):
+                        ev = evict(model, c, fixed, b)
                 except LookaheadKVError as e:
                     if (label, b) not in self.skipped:
                         self.skipped.add((label, b))
@@ -328,8 +352,10 @@ class Evaluator:
                     continue
                 copies.append(Copy(label, b, c, ev.kept, ev.key_valid, ev.budget, score_s + ev.seconds))
             del scores
-        answers = decode_copies(model, copies, suffix, self.eos, max_new)
-        return self._rows(samples, enc, pf, copies, answers)
+        with self.stage("decode"):
+            answers = decode_copies(model, copies, suffix, self.eos, max_new)
+        with self.stage("truth, recall, rows"):
+            return self._rows(samples, enc, pf, copies, answers)
 
     def _rows(self, samples, enc, pf, copies, answers) -> list[dict]:
         tok = self.tokenizer
@@ -474,6 +500,8 @@ def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Me
     finally:
         bar.close()
         sink.close()
+        if ev.seconds and progress:
+            tqdm.write(ev.time_report())
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
     return rows

@@ -20,7 +20,12 @@ OUT=${OUT:-/tmp/lkv/out}
 mkdir -p "$OUT"
 # Resume: rows already committed are copied in and skipped, so each call adds to them and returns the whole file.
 # (Kept gzipped in the repo: a file coming back may hold 16 MiB, and the tree that travels must stay small.)
+# A later call on the same warm machine resumes from this machine's own copy (/tmp/lkv/rows), newer than the repo's.
+mkdir -p /tmp/lkv/rows
 for f in results/eval/smollm2_*.jsonl.gz; do
+  [ -f "/tmp/lkv/rows/$(basename "$f")" ] || cp "$f" /tmp/lkv/rows/
+done
+for f in /tmp/lkv/rows/smollm2_*.jsonl.gz; do
   [ -f "$f" ] && gunzip -c "$f" > "$OUT/$(basename "$f" .gz)"
 done
 for f in .gpu/eval_samples_*.jsonl.gz; do [ -f "$f" ] && cp "$f" /tmp/lkv/; done
@@ -32,7 +37,9 @@ TOTAL=${EVAL_SECONDS:-470}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # One process (one CUDA start, one model load) runs the three evaluations in turn.
 ls lookaheadkv/modules 2>/dev/null || echo "no lookahead module shipped"
-timeout $(( TOTAL + 60 )) python3 - "$S" "$OUT" "$TOTAL" <<'EOF' 2>&1 | tr '\r' '\n' | tee "$OUT/eval.log"
+# EVAL_PLAN: runs in turn, "LENGTH:TASKS:NAME;..." (tasks in the order wanted: a time limit stops the later ones)
+PLAN=${EVAL_PLAN:-4096:ruler,qa:smollm2_4k;8192:ruler:smollm2_8k;4096:fidelity:smollm2_fidelity_4k}
+timeout $(( TOTAL + 60 )) python3 - "$S" "$OUT" "$TOTAL" "$PLAN" <<'EOF' 2>&1 | tr '\r' '\n' | tee "$OUT/eval.log"
 import sys, time
 import torch
 from lookaheadkv.evaluation import runner
@@ -50,8 +57,8 @@ model, tok = load_model("smollm2-135m-instruct", device="cuda", dtype=torch.floa
 t0 = time.perf_counter()
 # In order of importance; each stops between batches once the time is spent (a batch of 50 at 8K takes up
 # to ~1 min, hence the margin), and a rerun resumes where it stopped.
-for length, tasks, name in [(4096, "ruler,qa", "smollm2_4k"), (8192, "ruler", "smollm2_8k"),
-                            (4096, "fidelity", "smollm2_fidelity_4k")]:
+for length, tasks, name in (run.split(":") for run in sys.argv[4].split(";")):
+    length = int(length)
     left = total - (time.perf_counter() - t0) - 45
     if left < 20:
         print(f"skipped {name}: {left:.0f} s left", flush=True)
@@ -65,4 +72,5 @@ for length, tasks, name in [(4096, "ruler,qa", "smollm2_4k"), (8192, "ruler", "s
 EOF
 wc -l "$OUT"/*.jsonl
 gzip -f "$OUT"/*.jsonl
+cp "$OUT"/smollm2_*.jsonl.gz /tmp/lkv/rows/
 echo "eval seconds: $(( $(date +%s) - T0 ))"
