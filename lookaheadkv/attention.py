@@ -115,7 +115,7 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_
         mask = storage_mask(key_valid, r, tk, first_row, device=query.device)  # [B|1, 1, R, Tk]
         logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
         return logits.softmax(dim=-1).sum(dim=3).reshape(b, hq, tk)
-    if kernels.available(query):  # fused: the logits never reach memory
+    if kernels.pays(query):  # fused: the logits never reach memory
         return kernels.row_attention(query, key, scaling, first_row, key_valid)
     # Inference: the [B*Hkv, G*R, Tk] fp32 logits are the only large tensor; scaled inside the product, masked
     # only where the causal mask can hide a key, then one softmax and one sum (measured on the H200 at 32K:

@@ -35,8 +35,11 @@ for b, hq, hkv, r, tk, d, first, pad, dtype in cases:
         ref = row_attention(q.float(), k.float(), 0.125, first, valid)  # the PyTorch path, on the same values
     out["cases"].append({"max_err": (got - ref).abs().max().item(), "sum": got.sum().item(), "rows": b * hq * r,
                          "dtype": str(dtype)})
-# End to end: SnapKV on a left-padded batch, kernel vs PyTorch path.
-model = tiny_model().float().to(dev)
+# End to end: SnapKV on a left-padded batch, kernel vs PyTorch path. In bf16: our attention hands only
+# half-precision rows to the kernel (kernels.pays), fp32 ones stay on cuBLAS.
+probe, many = torch.zeros(1, 1, 8, 16, device=dev), torch.zeros(1, 1, 65, 16, device=dev)
+out["pays"] = [kernels.pays(probe.bfloat16()), kernels.pays(probe), kernels.pays(many.bfloat16())]
+model = tiny_model().to(torch.bfloat16).to(dev)
 ids, mask = left_pad([torch.arange(5, 85) % 128, torch.arange(9, 60) % 128])
 ids, mask = ids.to(dev), mask.to(dev)
 snap = get_method("snapkv", window=8)
@@ -79,5 +82,6 @@ def test_fused_row_attention_equals_pytorch_path():
         assert case["max_err"] < 1e-5, case  # bf16 products are exact in the kernel's tf32 dot
     assert out["snapkv_max_err"] < 1e-5
     assert out["snapkv_same_top16"]
+    assert out["pays"] == [True, False, False]  # bf16 rows: kernel; fp32 or more than 64 rows: PyTorch
     assert out["after_prompt_max_err"] < 1e-5
     assert out["chunked_max_err"] < 1e-5

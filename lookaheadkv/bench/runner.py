@@ -201,7 +201,7 @@ class Bench:
                 attention._record(rec, layer, q, k, d**-0.5, None)
 
         out = {"used": median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))}
-        if kernels.available(q):
+        if kernels.pays(q):
             with kernels.disabled():
                 out["pytorch"] = median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))
         return out
@@ -413,8 +413,8 @@ class Bench:
             or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "weights_bytes": shapes.weight_bytes(self.model), "seconds": self.seconds,
-            "row_attention": "fused Triton kernel" if kernels.available(next(self.model.parameters()))
-            else "PyTorch",
+            "row_attention": "fused Triton kernel (<= 64 rows)" if kernels.pays(
+                torch.empty(1, 1, 1, 1, dtype=self.dtype, device=self.device)) else "PyTorch",
         }
 
 

@@ -40,7 +40,7 @@ ls lookaheadkv/modules 2>/dev/null || echo "no lookahead module shipped"
 # EVAL_PLAN: runs in turn, "LENGTH:TASKS:NAME;..." (tasks in the order wanted: a time limit stops the later ones)
 PLAN=${EVAL_PLAN:-4096:ruler,qa:smollm2_4k;8192:ruler:smollm2_8k;4096:fidelity:smollm2_fidelity_4k}
 timeout $(( TOTAL + 60 )) python3 - "$S" "$OUT" "$TOTAL" "$PLAN" <<'EOF' 2>&1 | tr '\r' '\n' | tee "$OUT/eval.log"
-import sys, time
+import os, sys, time
 import torch
 from lookaheadkv.evaluation import runner
 from lookaheadkv.methods import METHODS, parse_methods
@@ -65,7 +65,7 @@ for length, tasks, name in (run.split(":") for run in sys.argv[4].split(";")):
         continue
     t = time.perf_counter()
     rows = runner.run_eval(model, tok, tasks, parse_methods(spec), [32, 64, 128, 256, 512], 50, length,
-                           f"{out}/{name}.jsonl", model_name="smollm2-135m-instruct", batch=50, time_limit=left,
+                           f"{out}/{name}.jsonl", model_name="smollm2-135m-instruct", batch=int(os.environ.get("EVAL_BATCH", 50)), time_limit=left,
                            samples=samples)
     print(f"{name}: {len(rows)} rows in {time.perf_counter() - t:.0f} s (limit {left:.0f} s); peak GPU memory "
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
