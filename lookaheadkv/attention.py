@@ -99,7 +99,7 @@ def storage_mask(key_valid: torch.Tensor | None, n_rows: int, n_keys: int, first
     key_idx = torch.arange(n_keys, device=device)[None, :]
     mask = (key_idx <= row_idx)[None, None]
     if key_valid is not None:
-        mask = (mask & key_valid[:, None, None, :n_keys]) | (key_idx == row_idx)[None, None]
+        mask = (mask & key_valid[:, None, None, :]) | (key_idx == row_idx)[None, None]
     return mask
 
 
@@ -139,14 +139,15 @@ def _record(rec: Recording, module: torch.nn.Module, query: torch.Tensor, key: t
     n_q, n_k = query.shape[2], key.shape[2]
     rows = n_q if rec.rows < 0 else min(rec.rows, n_q)
     start = n_q - rows
-    total = None
-    for s in range(start, n_q, ROW_CHUNK):
-        e = min(s + ROW_CHUNK, n_q)
-        seen = n_k - n_q + e  # keys past the chunk's last row are causally hidden from all of its rows
-        part = row_attention(query[:, :, s:e], key[:, :, :seen], scaling, n_k - n_q + s,
-                             None if key_valid is None else key_valid[:, :seen])
-        part = F.pad(part, (0, n_k - seen))
-        total = part if total is None else total + part
+    if n_q - start <= ROW_CHUNK:  # the usual glimpse: one chunk, all keys
+        total = row_attention(query[:, :, start:], key, scaling, n_k - rows, key_valid)
+    else:
+        total = query.new_zeros(query.shape[0], query.shape[1], n_k, dtype=torch.float32)
+        for s in range(start, n_q, ROW_CHUNK):
+            e = min(s + ROW_CHUNK, n_q)
+            seen = n_k - n_q + e  # keys past the chunk's last row are causally hidden from all of its rows
+            total[..., :seen] += row_attention(query[:, :, s:e], key[:, :, :seen], scaling, n_k - n_q + s,
+                                               None if key_valid is None else key_valid[:, :seen])
     rec.add(module.layer_idx, total, rows)
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..attention import Recording, forward_state
+from ..bench.timing import Clock
 from ..cache import crop
 from ..decode import Sampling, decode
 from ..errors import LookaheadKVError
@@ -284,15 +285,12 @@ class Evaluator:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Adds the block's seconds to self.seconds[name] (device work included: synchronised at both ends)."""
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
+        """Adds the block's seconds, its device work included, to self.seconds[name]."""
+        clock = Clock(self.device)
         try:
             yield
         finally:
-            sync()
-            self.seconds[name] += time.perf_counter() - t0
+            self.seconds[name] += clock.lap()
 
     def time_report(self) -> str:
         total = sum(self.seconds.values()) or 1.0
