@@ -41,10 +41,15 @@ class Recording:
     grad: bool = False  # keep the graph (training the lookahead module); otherwise scores are detached
     sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, Hq, columns] fp32
     count: dict[int, int] = field(default_factory=dict)
+    # [B] per-sequence weight of this call's rows (target collection: 0 once a sequence has finished); the
+    # caller then keeps the per-sequence row counts itself. None: every row counts.
+    weight: torch.Tensor | None = None
 
     def add(self, layer: int, probs_sum: torch.Tensor, n_rows: int) -> None:
         if self.columns is not None:
             probs_sum = probs_sum[..., : self.columns]
+        if self.weight is not None:
+            probs_sum = probs_sum * self.weight[:, None, None]
         if layer in self.sums:
             self.sums[layer] = self.sums[layer] + probs_sum
             self.count[layer] += n_rows
@@ -54,7 +59,7 @@ class Recording:
 
     def copy(self) -> Recording:
         """A copy whose sums can be added to without changing this one (the tensors are shared)."""
-        return Recording(self.rows, self.columns, self.grad, dict(self.sums), dict(self.count))
+        return Recording(self.rows, self.columns, self.grad, dict(self.sums), dict(self.count), self.weight)
 
     def merge(self, other: Recording) -> Recording:
         """Pool the rows of two recordings (e.g. a prompt window and draft rows)."""
@@ -103,15 +108,21 @@ def storage_mask(key_valid: torch.Tensor | None, n_rows: int, n_keys: int, first
     return mask
 
 
+def _score_dtype(x: torch.Tensor) -> torch.dtype:
+    """Scores are computed in fp32, or in fp64 for a float64 model (the tests' tiny models, exact to 1e-12)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_row: int,
                   key_valid: torch.Tensor | None) -> torch.Tensor:
     """Sum over rows of softmax attention, [B, Hq, Tk] fp32, for query rows [B, Hq, R, D] at storage
     index first_row.. over keys [B, Hkv, Tk, D]; query heads are grouped onto their KV head."""
     b, hq, r, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
-    q = query.float().view(b, hkv, hq // hkv, r, d)
+    dt = _score_dtype(query)
+    q = query.to(dt).view(b, hkv, hq // hkv, r, d)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
-        logits = torch.einsum("bhgrd,bhkd->bhgrk", q, key.float()) * scaling
+        logits = torch.einsum("bhgrd,bhkd->bhgrk", q, key.to(dt)) * scaling
         mask = storage_mask(key_valid, r, tk, first_row, device=query.device)  # [B|1, 1, R, Tk]
         logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
         return logits.softmax(dim=-1).sum(dim=3).reshape(b, hq, tk)
@@ -120,8 +131,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_
     # Inference: the [B*Hkv, G*R, Tk] fp32 logits are the only large tensor; scaled inside the product, masked
     # only where the causal mask can hide a key, then one softmax and one sum (measured on the H200 at 32K:
     # ~0.7 ms a layer for the earlier seven-pass version, the bulk of SnapKV's eviction cost).
-    logits = torch.baddbmm(query.new_zeros((), dtype=torch.float32), q.reshape(b * hkv, -1, d),
-                           key.float().reshape(b * hkv, tk, d).transpose(1, 2), beta=0.0, alpha=scaling)
+    logits = torch.baddbmm(query.new_zeros((), dtype=dt), q.reshape(b * hkv, -1, d),
+                           key.to(dt).reshape(b * hkv, tk, d).transpose(1, 2), beta=0.0, alpha=scaling)
     logits = logits.view(b, hkv, hq // hkv, r, tk)
     if key_valid is None:  # causal only: a row can be hidden just the keys after its own index
         lo = first_row + 1
@@ -134,6 +145,63 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_
     return logits.softmax(dim=-1).sum(dim=3).reshape(b, hq, tk)
 
 
+# A call that records all its rows is fused when it has at most FUSED_ROWS rows (decode steps, lookahead, draft
+# and answer rows; never a long prompt's own rows, which H2O records in chunks) and its logits stay small.
+FUSED_ROWS, FUSED_ELEMENTS = 512, 1 << 27
+
+
+_BMM_OUT_DTYPE = True  # until a call shows this torch lacks it
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """[N, R, D] x [N, T, D] -> [N, R, T] fp32 logits, scaled. Half precision on CUDA multiplies on the tensor
+    cores straight into fp32 (no fp32 copy of the keys, which would double the bytes read)."""
+    global _BMM_OUT_DTYPE
+    if k.is_cuda and k.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() and _BMM_OUT_DTYPE:
+        try:
+            return torch.bmm(q.to(k.dtype), k.transpose(1, 2), out_dtype=torch.float32).mul_(scaling)
+        except (TypeError, RuntimeError):  # a torch without bmm(out_dtype=...): upcast from now on
+            _BMM_OUT_DTYPE = False
+    dt = _score_dtype(k)
+    return torch.bmm(q.to(dt), k.to(dt).transpose(1, 2)) * scaling
+
+
+def attend_and_record(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                      key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the last R = query rows (storage index Tk-R..) computed once for both duties: the output
+    [B, R, Hq, D] (as transformers' attention functions return it) and the sum over rows of the softmax
+    [B, Hq, Tk] fp32. For calls that record every row they run (decode steps, lookahead and draft rows), this
+    replaces SDPA plus a second product for the recording; GQA by grouping, no repeat_kv copies."""
+    b, hq, r, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    g = hq // hkv
+    q = query.reshape(b, hkv, g * r, d).reshape(b * hkv, g * r, d)
+    logits = _logits(q, key.reshape(b * hkv, tk, d), scaling).view(b, hkv, g, r, tk)
+    if r == 1 and key_valid is not None:  # a decode step: it sees every stored key but the pads
+        logits = logits.masked_fill(~key_valid[:, None, None, None, :], float("-inf"))
+    elif r > 1:
+        mask = storage_mask(key_valid, r, tk, device=query.device)  # [B|1, 1, R, Tk]
+        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = logits.softmax(dim=-1)
+    out = torch.bmm(probs.view(b * hkv, g * r, tk).to(value.dtype), value.reshape(b * hkv, tk, value.shape[-1]))
+    out = out.view(b, hq, r, -1).transpose(1, 2).contiguous()
+    return out, (probs.squeeze(3) if r == 1 else probs.sum(dim=3)).reshape(b, hq, tk)
+
+
+def _fusable(module, query: torch.Tensor, key: torch.Tensor, records: list[Recording], kwargs: dict) -> bool:
+    """Whether one product can serve output and recording: every recording takes all of this call's rows, the
+    rows are few, and nothing SDPA would add (dropout, softcap, sliding window, sinks) is asked for."""
+    if len(records) != 1 or not (records[0].rows < 0 or records[0].rows >= query.shape[2]):
+        return False
+    if query.shape[2] > FUSED_ROWS or key.shape[2] <= query.shape[2]:  # rows after a cache, not a prompt's own
+        return False
+    if kwargs.get("dropout") or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        return False
+    if getattr(module, "sinks", None) is not None or query.shape[1] % key.shape[1]:
+        return False
+    return query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] <= FUSED_ELEMENTS
+
+
 def _record(rec: Recording, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
             scaling: float, key_valid: torch.Tensor | None) -> None:
     n_q, n_k = query.shape[2], key.shape[2]
@@ -142,7 +210,7 @@ def _record(rec: Recording, module: torch.nn.Module, query: torch.Tensor, key: t
     if n_q - start <= ROW_CHUNK:  # the usual glimpse: one chunk, all keys
         total = row_attention(query[:, :, start:], key, scaling, n_k - rows, key_valid)
     else:
-        total = query.new_zeros(query.shape[0], query.shape[1], n_k, dtype=torch.float32)
+        total = query.new_zeros(query.shape[0], query.shape[1], n_k, dtype=_score_dtype(query))
         for s in range(start, n_q, ROW_CHUNK):
             e = min(s + ROW_CHUNK, n_q)
             seen = n_k - n_q + e  # keys past the chunk's last row are causally hidden from all of its rows
@@ -160,9 +228,14 @@ def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=Non
             # Keys appended after the mask was made (draft, lookahead or answer rows) are real tokens. Made
             # whole here, once, for both the recording and the mask (the fused kernel reads exactly Tk flags).
             valid = F.pad(valid, (0, key.shape[2] - valid.shape[-1]), value=True)
+        records = state.record if isinstance(state.record, list) else [state.record] if state.record else []
+        if records and _fusable(module, query, key, records, kwargs):
+            rec = records[0]
+            out, total = attend_and_record(query, key, value, scaling, valid)
+            rec.add(module.layer_idx, total if rec.grad else total.detach(), query.shape[2])
+            return out, None
         if valid is not None:
             attention_mask = storage_mask(valid, query.shape[2], key.shape[2])
-        records = state.record if isinstance(state.record, list) else [state.record] if state.record else []
         for rec in records:
             with torch.set_grad_enabled(rec.grad and torch.is_grad_enabled()):
                 _record(rec, module, query, key, scaling, valid)

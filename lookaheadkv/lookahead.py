@@ -120,6 +120,9 @@ def _inject(model, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
                 f"this model already carries a lookahead LoRA of rank/alpha/targets {have}; load the model again "
                 f"to use a module with {(rank, alpha, tuple(targets))}")
         return
+    if rank == 0:  # lookahead tokens alone (the ablation without a LoRA)
+        model._lookahead_lora, model._lookahead_config = (0, alpha, tuple(targets)), None
+        return
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
     try:
         inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
@@ -194,18 +197,21 @@ def create(model, n: int = 32, rank: int = 8, alpha: int = 32, targets: tuple[st
     return mod
 
 
-def save(model, mod: LookaheadModule, out: str | Path, training: dict | None = None) -> Path:
-    """Write the module: PEFT adapter files + embeddings + lookahead.json."""
+def save(model, mod: LookaheadModule, out: str | Path, training: dict | None = None,
+         dtype: torch.dtype = torch.float32) -> Path:
+    """Write the module: PEFT adapter files (none for rank 0) + embeddings + lookahead.json, tensors in `dtype`
+    (the shipped modules: bf16, measured equal to fp32 in recall)."""
     from peft import get_peft_model_state_dict
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model._lookahead_config.save_pretrained(str(out))
-    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(out / ADAPTER_FILES[1]))
-    save_file({"embeddings": mod.embeddings.detach().float().cpu().contiguous()}, str(out / EMBEDDINGS_FILE))
+    if mod.rank > 0:
+        model._lookahead_config.save_pretrained(str(out))
+        state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        save_file({k: v.detach().to(dtype).cpu().contiguous() for k, v in state.items()}, str(out / ADAPTER_FILES[1]))
+    save_file({"embeddings": mod.embeddings.detach().to(dtype).cpu().contiguous()}, str(out / EMBEDDINGS_FILE))
     meta = dict(mod.meta, format=FORMAT, n=mod.n, rank=mod.rank, alpha=mod.alpha, targets=list(mod.targets),
-                base_model=model_identity(model))
+                base_model=model_identity(model), dtype=str(dtype).removeprefix("torch."))
     if training is not None:
         meta["training"] = training
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -214,9 +220,12 @@ def save(model, mod: LookaheadModule, out: str | Path, training: dict | None = N
 
 
 def _read_meta(path: Path) -> dict:
-    missing = [f for f in (META_FILE, EMBEDDINGS_FILE, *ADAPTER_FILES) if not (path / f).is_file()]
-    if missing:
-        raise LookaheadKVError(f"{path} is not a lookahead module (missing {', '.join(missing)}); "
+    def missing(files):
+        return [f for f in files if not (path / f).is_file()]
+
+    if missing((META_FILE, EMBEDDINGS_FILE)):
+        raise LookaheadKVError(f"{path} is not a lookahead module (missing "
+                               f"{', '.join(missing((META_FILE, EMBEDDINGS_FILE, *ADAPTER_FILES)))}); "
                                "train one with `lookaheadkv train`")
     try:
         meta = json.loads((path / META_FILE).read_text())
@@ -224,6 +233,9 @@ def _read_meta(path: Path) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise LookaheadKVError(f"{path / META_FILE} is damaged ({type(e).__name__}: {e}); "
                                "train the module again") from None
+    if meta["rank"] > 0 and missing(ADAPTER_FILES):
+        raise LookaheadKVError(f"{path} is not a lookahead module (missing {', '.join(missing(ADAPTER_FILES))}); "
+                               "train one with `lookaheadkv train`")
     return meta
 
 
@@ -244,8 +256,8 @@ def load(model, path: str | Path) -> LookaheadModule:
             f"({ident['name'] or 'unnamed'}: its {what} differ); train one for it with "
             "`lookaheadkv train --model M --out DIR`")
     try:
-        emb = load_file(str(path / EMBEDDINGS_FILE))["embeddings"]
-        lora = load_file(str(path / ADAPTER_FILES[1]))
+        emb = load_file(str(path / EMBEDDINGS_FILE))["embeddings"].float()
+        lora = load_file(str(path / ADAPTER_FILES[1])) if meta["rank"] > 0 else {}
     except Exception as e:  # safetensors raises several types on a truncated or garbled file
         raise LookaheadKVError(f"lookahead module {path} is damaged ({str(e).splitlines()[0]}); "
                                "fetch or train it again") from None
@@ -255,11 +267,12 @@ def load(model, path: str | Path) -> LookaheadModule:
                                f"({meta['n']}, {hidden}); the file is damaged")
     _inject(model, meta["rank"], meta["alpha"], tuple(meta["targets"]))
     device = model.get_input_embeddings().weight.device
-    result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in lora.items()}, adapter_name=ADAPTER)
-    lora_missing = [k for k in result.missing_keys if f".{ADAPTER}." in k]
-    if result.unexpected_keys or lora_missing or not lora:
-        raise LookaheadKVError(f"lookahead module {path}: adapter weights do not fit this model "
-                               f"({len(lora_missing)} missing, {len(result.unexpected_keys)} unexpected)")
+    if meta["rank"] > 0:
+        result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in lora.items()}, adapter_name=ADAPTER)
+        lora_missing = [k for k in result.missing_keys if f".{ADAPTER}." in k]
+        if result.unexpected_keys or lora_missing or not lora:
+            raise LookaheadKVError(f"lookahead module {path}: adapter weights do not fit this model "
+                                   f"({len(lora_missing)} missing, {len(result.unexpected_keys)} unexpected)")
     mod = LookaheadModule(torch.nn.Parameter(emb.to(device), requires_grad=False), meta["rank"], meta["alpha"],
                           tuple(meta["targets"]), meta, path)
     model._lookahead_module = mod

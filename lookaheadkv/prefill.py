@@ -102,12 +102,14 @@ def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            record_rows: int | Sequence[int] = 0, extra: ExtraRows | None = None) -> Prefill:
-    """Run the prompt through the model into a fresh cache; record the last `record_rows` rows' attention
-    (-1: every row, in chunks; 0: none). Several row counts can be recorded in one prefill, so one
-    prefill serves every method (see Prefill.clone). `extra` rows ride after the prompt (see ExtraRows)."""
+            record_rows: int | Sequence[int] = 0, extra: ExtraRows | None = None,
+            cache: DynamicCache | None = None) -> Prefill:
+    """Run the prompt through the model into a fresh cache (or `cache`, empty, e.g. one writing into
+    preallocated buffers); record the last `record_rows` rows' attention (-1: every row, in chunks; 0: none).
+    Several row counts can be recorded in one prefill, so one prefill serves every method (see
+    Prefill.clone). `extra` rows ride after the prompt (see ExtraRows)."""
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     wanted = [record_rows] if isinstance(record_rows, int) else list(record_rows)
     recs = {r: Recording(rows=r) for r in dict.fromkeys(wanted) if r != 0}
     key_valid = [valid] * model.config.num_hidden_layers if not valid.all() else None

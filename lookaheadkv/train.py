@@ -1,14 +1,16 @@
 """Train a lookahead module for a model: collect targets once, then minimise KL(true || predicted).
 
-Targets: for each training prompt, the model's own greedy response (batched, left-padded) and the true
-importance of the prompt per layer and query head (importance.true_importance: the response rows' mean
-attention onto the prompt keys, never a prompt x prompt matrix). They are written to disk in shards and
-reused by later runs (same model, same prompts).
+Targets (collect.py): each training prompt's greedy response by the model itself and the true importance of
+the prompt per layer and query head, kept in a target store keyed by prompt content (targets.py), so a later
+run (another batch size, subset, order, or a resume in another lease) reuses what it shares with earlier ones.
 
 Loss: both score vectors normalised over the prompt positions (sum 1), KL(true || predicted), averaged over
-layers, heads and the batch. Only the n embeddings and the LoRA train. The prompt prefill runs under
-no_grad with the LoRA off (no trainable parameter touches a prompt row), so gradients flow only through the
-n-row lookahead pass: training costs a prefill plus a 32-row pass, not a backward over the prompt.
+layers, heads and the batch. Only the n embeddings and the LoRA train. The prompt prefill runs under no_grad
+with the LoRA off (no trainable parameter touches a prompt row), so gradients flow only through the n-row
+lookahead pass: a step costs a prefill plus a 32-row pass, not a backward over the prompt.
+
+Validation (a content-hash share of the prompts, never trained on): the loss and the importance recall at
+several budgets, logged during the run; the module kept is the last one.
 
     lookaheadkv train --model smollm2-135m-instruct --out my-module --device cuda
 """
@@ -22,38 +24,25 @@ import platform
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers import DynamicCache
 
 from . import lookahead as la
-from .cache import crop
-from .decode import Sampling, decode
+from . import scoring
+from .collect import Target, collect_batch, eos_ids, plan_batches, prompt_key, tokens_that_fit
 from .errors import LookaheadKVError
-from .importance import true_importance
-from .prefill import Prefill, prefill
-from .train_data import FAMILIES, training_prompts
+from .importance import recall_per_sequence
+from .prefill import prefill
+from .targets import TRUTH_DTYPE, TargetStore
+from .train_data import FAMILIES, load_prompts, save_prompts, training_prompts
 
-
-@dataclass
-class Target:
-    """One prompt's training target: its token ids, the model's greedy response, and the true importance."""
-
-    ids: torch.Tensor  # [L] long
-    response: torch.Tensor  # [R] long
-    truth: torch.Tensor  # [layers, Hq, L] fp16
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return (ids | {getattr(tokenizer, "eos_token_id", None)}) - {None}
+BUDGETS = (32, 64, 128, 256)  # budgets the validation recall is logged at
 
 
 def left_pad(seqs: Sequence[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,111 +56,55 @@ def left_pad(seqs: Sequence[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def _one(pf: Prefill, i: int, model) -> Prefill:
-    """Sequence i of a left-padded prefill alone, without its pads (shares the cache tensors' storage)."""
-    start = int(pf.length - pf.lengths[i])
-    cache = DynamicCache(config=model.config)
-    for layer_idx, layer in enumerate(pf.cache.layers):
-        cache.update(layer.keys[i:i + 1, :, start:], layer.values[i:i + 1, :, start:], layer_idx)
-    ids = pf.input_ids[i:i + 1, start:]
-    return Prefill(cache, ids, torch.ones_like(ids, dtype=torch.bool), pf.next_logits[i:i + 1], {})
+# ---------------------------------------------------------------------------------------------- collection
 
 
-@torch.no_grad()
-def collect_batch(model, ids: Sequence[torch.Tensor], response_tokens: int, eos: set[int]) -> list[Target | None]:
-    """Greedy responses for a batch of prompts (one left-padded prefill and decode) and each one's true
-    importance (computed per sequence, so the mean runs over that sequence's response rows only).
-    None where the model answers nothing (EOS first)."""
-    device = next(model.parameters()).device
-    batch, mask = left_pad(ids)
-    pf = prefill(model, batch.to(device), mask.to(device))
-    responses = decode(model, pf, pf.key_valid(model.config.num_hidden_layers), eos, Sampling(response_tokens))
-    crop(pf.cache, pf.length)
-    out: list[Target | None] = []
-    for i, resp in enumerate(responses):
-        if not resp:
-            out.append(None)
-            continue
-        truth = true_importance(model, _one(pf, i, model), torch.tensor([resp], device=device))
-        out.append(Target(ids[i].cpu(), torch.tensor(resp), torch.stack([t[0] for t in truth]).half().cpu()))
-    return out
-
-
-def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
-    """Indices grouped by similar length (little padding), at most batch_size and ~max_tokens per batch."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    out, cur = [], []
-    for i in order:
-        if cur and (len(cur) >= batch_size or (len(cur) + 1) * lengths[i] > max_tokens):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    return out + ([cur] if cur else [])
-
-
-def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], targets_dir: str | Path,
-                    response_tokens: int = 256, batch_size: int = 64, max_batch_tokens: int = 200_000,
-                    progress: bool = True, time_limit_s: float | None = None) -> list[Target | None]:
-    """Targets for every prompt, stored as shards under targets_dir and reused when they are already there
-    (a manifest ties them to the model and the prompts; anything else there is refused). Batches run in a
-    seeded random order, so a time limit drops a random subset of prompts (their targets stay None)."""
-    d = Path(targets_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    for ids in prompt_ids:
-        digest.update(ids.numpy().astype("int64").tobytes())
-    manifest = {"model": la.model_identity(model), "prompts": len(prompt_ids), "prompts_sha256": digest.hexdigest(),
-                "response_tokens": response_tokens}
-    mpath = d / "manifest.json"
-    if mpath.exists():
-        have = json.loads(mpath.read_text())
-        same = {k: have.get(k) for k in manifest} == manifest
-        if not same:
-            raise LookaheadKVError(f"{d} holds targets for other prompts or another model; give another "
-                                   "--targets folder or delete it")
-    else:
-        mpath.write_text(json.dumps(manifest, indent=1))
+def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], store: TargetStore,
+                    response_tokens: int = 256, max_batch_tokens: int | None = None, progress: bool = True,
+                    time_limit_s: float | None = None, seed: int = 0) -> dict:
+    """Put every prompt's target into `store` (those already there are skipped). Batches run in a seeded
+    random order, so a time limit leaves a random subset without targets. Returns throughput figures."""
+    keys = [prompt_key(x) for x in prompt_ids]
+    todo = list({k: i for i, k in enumerate(keys) if k not in store}.values())
     eos = eos_ids(model, tokenizer)
-    groups = _shuffled(_batches([len(x) for x in prompt_ids], batch_size, max_batch_tokens), 0)
-    out: list[Target | None] = [None] * len(prompt_ids)
-    bar = tqdm(groups, desc="targets", unit="batch", disable=not progress)
+    budget = max_batch_tokens or tokens_that_fit(model, response_tokens)
+    groups = plan_batches([len(prompt_ids[i]) for i in todo], response_tokens, budget)
+    random.Random(seed).shuffle(groups)
+    stats = {"prompts": 0, "answered": 0, "response_tokens": 0, "prompt_tokens": 0, "batches": 0, "seconds": 0.0,
+             "already_stored": len(keys) - len(todo), "batch_tokens": budget}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=len(todo), desc="targets", unit="prompt", disable=not progress)
     t0 = time.perf_counter()
-    for k, group in enumerate(bar):
-        shard = d / f"shard_{k:05d}.safetensors"
-        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s and not shard.exists():
-            bar.write(f"targets: time limit reached after {k} of {len(groups)} batches")
-            break
-        if shard.exists():
-            for i, t in _read_shard(shard).items():
-                out[i] = t
-            continue
-        got = collect_batch(model, [prompt_ids[i] for i in group], response_tokens, eos)
-        tensors = {}
-        for i, t in zip(group, got):
-            out[i] = t
-            if t is not None:
-                tensors.update({f"ids_{i}": t.ids, f"response_{i}": t.response, f"truth_{i}": t.truth.contiguous()})
-        save_file(tensors, str(shard) + ".tmp")
-        Path(str(shard) + ".tmp").rename(shard)  # a shard is either complete or absent: resumable
-    return out
+    with ThreadPoolExecutor(max_workers=1) as writer:  # shards are written while the next batch runs
+        pending = None
+        for group in groups:
+            if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+                bar.write(f"targets: time limit reached after {stats['batches']} of {len(groups)} batches")
+                break
+            ids = [prompt_ids[todo[j]] for j in group]
+            got = collect_batch(model, ids, response_tokens, eos, truth_dtype=TRUTH_DTYPE)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(store.put, [(keys[todo[j]], x, t) for j, x, t in zip(group, ids, got)])
+            stats["batches"] += 1
+            stats["prompts"] += len(group)
+            stats["answered"] += sum(t is not None for t in got)
+            stats["response_tokens"] += sum(len(t.response) for t in got if t is not None)
+            stats["prompt_tokens"] += sum(len(x) for x in ids)
+            bar.update(len(group))
+            bar.set_postfix(prompts_s=f"{stats['prompts'] / (time.perf_counter() - t0):.1f}")
+        if pending is not None:
+            pending.result()
+    bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    if device.type == "cuda":
+        stats["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return stats
 
 
-def load_targets(targets_dir: str | Path) -> list[Target | None]:
-    """Every stored target of a target folder, by prompt index (None where there is none)."""
-    d = Path(targets_dir)
-    if not (d / "manifest.json").exists():
-        raise LookaheadKVError(f"{d} holds no targets (no manifest.json); run `lookaheadkv train` first")
-    out: list[Target | None] = [None] * json.loads((d / "manifest.json").read_text())["prompts"]
-    for shard in sorted(d.glob("shard_*.safetensors")):
-        for i, t in _read_shard(shard).items():
-            out[i] = t
-    return out
-
-
-def _read_shard(path: Path) -> dict[int, Target]:
-    tensors = load_file(str(path))
-    return {int(k[4:]): Target(tensors[k], tensors[f"response_{k[4:]}"], tensors[f"truth_{k[4:]}"])
-            for k in tensors if k.startswith("ids_")}
+# ---------------------------------------------------------------------------------------------- loss
 
 
 def kl_loss(pred: list[torch.Tensor], truth: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -186,19 +119,79 @@ def kl_loss(pred: list[torch.Tensor], truth: torch.Tensor, eps: float = 1e-10) -
     return kl.mean()
 
 
-def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target], grad: bool) -> torch.Tensor:
-    """Prefill the (left-padded) prompts without gradients, then the n-row lookahead pass with them."""
+def _truth_batch(targets: Sequence[Target], length: int, device: torch.device) -> torch.Tensor:
+    """[B, layers, Hq, length] fp32 on the device, left-padded with zeros."""
+    layers, hq = targets[0].truth.shape[:2]
+    truth = torch.zeros((len(targets), layers, hq, length), dtype=torch.float32, device=device)
+    for i, t in enumerate(targets):
+        truth[i, ..., length - t.truth.shape[-1]:] = t.truth.to(device, non_blocking=True)
+    return truth
+
+
+def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target], grad: bool,
+               budgets: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Prefill the (left-padded) prompts without gradients, then the n-row lookahead pass with them. Returns the
+    loss and, per budget asked for, each sequence's importance recall (selecting as the method does)."""
     device = next(model.parameters()).device
     ids, mask = left_pad([t.ids for t in targets])
     with torch.no_grad():
         pf = prefill(model, ids.to(device), mask.to(device))
     rec = la.lookahead_pass(model, mod, pf, grad=grad)
-    length = ids.shape[1]
-    truth = torch.zeros((len(targets), *targets[0].truth.shape[:2], length), dtype=torch.float32)
-    for i, t in enumerate(targets):
-        truth[i, ..., length - t.truth.shape[-1]:] = t.truth.float()
+    truth = _truth_batch(targets, ids.shape[1], device)
+    pred = rec.mean()
     with torch.set_grad_enabled(grad):
-        return kl_loss(rec.mean(), truth.to(device))
+        loss = kl_loss(pred, truth)
+    recall = {}
+    if budgets:
+        with torch.no_grad():
+            n_kv = model.config.num_key_value_heads
+            scores = scoring.score([p.detach() for p in pred], n_kv, "none", 1, "mean")
+            for b in budgets:
+                kept = scoring.select(scores, [b] * len(scores), pf.valid, None)
+                recall[b] = recall_per_sequence(truth, kept, b, n_kv, pf.valid)
+    return loss, recall
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run's result (a resume must be given the same)."""
+
+    samples: int = 2000
+    min_tokens: int = 300
+    max_tokens: int = 3000
+    families: tuple[str, ...] = FAMILIES
+    response_tokens: int = 256
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 3e-3
+    n: int = 32
+    rank: int = 8
+    alpha: int = 32
+    seed: int = 0
+    val_share: float = 0.05
+    val_max: int = 256  # validation prompts scored at each evaluation
+    evals: int = 8  # validation evaluations spread over the run (plus one before the first step)
+    checkpoint_every: int = 200
+    collect_batch_tokens: int | None = None  # None: sized from the device's free memory
+    collect_time_limit: float | None = None  # seconds
+    time_limit: float | None = None  # seconds for the training loop
+    warmup: float = 0.05
+    final_lr: float = 0.1  # cosine decay to this share of lr
+
+    def check(self) -> None:
+        for name in ("samples", "epochs", "batch_size", "n", "response_tokens"):
+            if getattr(self, name) < 1:
+                raise LookaheadKVError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.rank < 0 or self.alpha <= 0 or not self.lr > 0 or not 0 <= self.val_share < 1:
+            raise LookaheadKVError("need --rank >= 0, --alpha > 0, --lr > 0 and 0 <= --val-share < 1")
+
+
+def is_validation(key: str, share: float) -> bool:
+    """A prompt's side, from its content hash: the same prompt is on the same side in every run and subset."""
+    return int(key[:8], 16) / 16**8 < share
 
 
 def hardware(device: torch.device) -> str:
@@ -208,155 +201,206 @@ def hardware(device: torch.device) -> str:
     return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def split_validation(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices for training and validation (a seeded share of the training prompts, not the test split)."""
-    idx = list(range(n))
-    random.Random(seed).shuffle(idx)
-    k = max(1, round(n * share)) if n > 1 and share > 0 else 0
-    return sorted(idx[k:]), sorted(idx[:k])
+def _epoch_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Batches of similar length (little padding), regrouped each epoch (lengths jittered by +-10%) and
+    shuffled."""
+    rng = random.Random(seed)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i] * rng.uniform(0.9, 1.1))
+    groups = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    rng.shuffle(groups)
+    return groups
 
 
-def train(model, tokenizer, out: str | Path, samples: int = 2000, min_tokens: int = 300, max_tokens: int = 3000,
-          families: Sequence[str] = FAMILIES, response_tokens: int = 256, epochs: int = 2, batch_size: int = 8,
-          lr: float = 2e-3, n: int = 32, rank: int = 8, alpha: int = 32, seed: int = 0, val_share: float = 0.05,
-          checkpoint_every: int = 100, targets_dir: str | Path | None = None, collect_batch_size: int = 64,
-          max_batch_tokens: int = 200_000, resume: bool = True, progress: bool = True,
-          prompt_ids: Sequence[torch.Tensor] | None = None, collect_time_limit_s: float | None = None,
-          time_limit_s: float | None = None) -> dict:
-    """Train a module for `model` on `samples` training prompts; writes the module and train_log.json to
-    `out` and returns the log. Checkpoints to out/checkpoint every `checkpoint_every` steps; a later call with
-    the same arguments resumes from there (targets are reused from targets_dir). `prompt_ids` replaces the
-    built-in training prompts (token ids, one tensor per prompt). The time limits (seconds) bound target
-    collection (fewer prompts) and the training loop (fewer steps); the log says where they cut."""
+def _prefetch(store: TargetStore, keys: list[str], batches: Iterator[list[int]]) -> Iterator[list[Target]]:
+    """Targets of each batch, read from the store one batch ahead (a thread reads while the GPU trains)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        load = lambda group: [store.get(keys[i]) for i in group]  # noqa: E731
+        nxt = None
+        for group in batches:
+            cur, nxt = nxt, pool.submit(load, group)
+            if cur is not None:
+                yield cur.result()
+        if nxt is not None:
+            yield nxt.result()
+
+
+def _signature(cfg: TrainConfig, keys: list[str]) -> dict:
+    fixed = {k: v for k, v in asdict(cfg).items() if k not in ("collect_batch_tokens", "collect_time_limit",
+                                                                 "time_limit", "checkpoint_every", "evals")}
+    digest = hashlib.sha256("".join(keys).encode()).hexdigest()
+    return {**fixed, "families": list(cfg.families), "prompts_sha256": digest}
+
+
+def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, prompt_ids: Sequence[torch.Tensor]
+          | None = None, families: Sequence[str] | None = None, targets_dir: str | Path | None = None,
+          resume: bool = True, progress: bool = True) -> dict:
+    """Train a module for `model`; writes the module and train_log.json to `out` and returns the run's record.
+    `prompt_ids` (token ids, one tensor per prompt; `families` names each one's family) replaces the built-in
+    training prompts. Checkpoints go to out/checkpoint; a later call with the same configuration resumes there
+    (its targets are found in the store by content, or collected again)."""
+    cfg = cfg or TrainConfig()
+    cfg.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     model.requires_grad_(False)
     t_start = time.perf_counter()
     if prompt_ids is None:
-        prompts = training_prompts(tokenizer, samples, min_tokens, max_tokens, families, seed)
-        prompt_ids = [tokenizer(p.text(tokenizer), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-                      for p in prompts]
-        family = [p.family for p in prompts]
-    else:
-        family = ["given"] * len(prompt_ids)
+        prompts = training_prompts(tokenizer, cfg.samples, cfg.min_tokens, cfg.max_tokens, cfg.families, cfg.seed)
+        enc = tokenizer([p.text(tokenizer) for p in prompts], add_special_tokens=False)["input_ids"]
+        prompt_ids = [torch.tensor(x) for x in enc]
+        families = [p.family for p in prompts]
+    prompt_ids = list(prompt_ids)[: cfg.samples]
+    families = list(families or ["given"] * len(prompt_ids))[: cfg.samples]
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and max(len(x) for x in prompt_ids) + max(response_tokens, n) > limit:
-        raise LookaheadKVError(f"training prompts of up to {max(len(x) for x in prompt_ids)} tokens + "
-                               f"{response_tokens} response tokens exceed the model's context of {limit}; "
-                               "lower --max-tokens")
-    t0 = time.perf_counter()
-    targets = collect_targets(model, tokenizer, prompt_ids, targets_dir or out / "targets", response_tokens,
-                              collect_batch_size, max_batch_tokens, progress, collect_time_limit_s)
-    collect_s = time.perf_counter() - t0
-    train_idx, val_idx = split_validation(len(prompt_ids), val_share, seed)
-    train_idx = [i for i in train_idx if targets[i] is not None]
-    val_idx = [i for i in val_idx if targets[i] is not None]
+    longest = max(len(x) for x in prompt_ids)
+    if limit is not None and longest + max(cfg.response_tokens, cfg.n) > limit:
+        raise LookaheadKVError(f"training prompts of up to {longest} tokens + {cfg.response_tokens} response tokens "
+                               f"exceed the model's context of {limit}; lower --max-tokens or --response-tokens")
+    keys = [prompt_key(x) for x in prompt_ids]
+    store = TargetStore(targets_dir or out / "targets", la.model_identity(model), cfg.response_tokens)
+    collection = collect_targets(model, tokenizer, prompt_ids, store, cfg.response_tokens, cfg.collect_batch_tokens,
+                                 progress, cfg.collect_time_limit, cfg.seed)
+    answered = {k for k in set(keys) if k in store and store.get(k) is not None}
+    seen: set[str] = set()
+    train_idx, val_idx = [], []
+    for i, k in enumerate(keys):
+        if k in answered and k not in seen:  # a prompt drawn twice trains once
+            seen.add(k)
+            (val_idx if is_validation(k, cfg.val_share) else train_idx).append(i)
     if not train_idx:
         raise LookaheadKVError("the model answered none of the training prompts; nothing to train on")
+    val_idx = val_idx[: cfg.val_max]
 
     ckpt = out / "checkpoint"
+    signature = _signature(cfg, keys)
+    state = None
     if resume and (ckpt / "state.pt").exists():
-        mod = la.load(model, ckpt)
-        mod.embeddings.requires_grad_(True)
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        if state.get("signature") != signature:
+            diff = sorted(k for k in signature if state.get("signature", {}).get(k) != signature[k])
+            raise LookaheadKVError(f"{ckpt} is a checkpoint of a run with other {', '.join(diff)}; resume it with "
+                                   "the same options, or give --no-resume (it is then overwritten)")
+        mod = la.load(model, ckpt)
     else:
-        mod = la.create(model, n, rank, alpha, seed=seed)
-        state = None
+        mod = la.create(model, cfg.n, cfg.rank, cfg.alpha, seed=cfg.seed)
     params = mod.parameters(model)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    per_epoch = [_shuffled(_batches([len(targets[i].ids) for i in train_idx], batch_size, max_batch_tokens // 4),
-                           seed + e) for e in range(epochs)]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
+    lengths = [len(prompt_ids[i]) for i in train_idx]
+    per_epoch = [_epoch_batches(lengths, cfg.batch_size, cfg.seed + e) for e in range(cfg.epochs)]
     total = sum(len(b) for b in per_epoch)
-    warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
-    log = {"steps": [], "validation": []}
+    warmup = max(1, round(total * cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        cfg.final_lr + (1 - cfg.final_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+    log: dict = {"steps": [], "validation": []}
     step = 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, log = state["step"], state["log"]
+    eval_at = {round(total * (k + 1) / cfg.evals) for k in range(cfg.evals)} if cfg.evals else set()
 
-    def validate() -> float:
+    def validate() -> dict:
         if not val_idx:
-            return float("nan")
-        losses = [float(batch_loss(model, mod, [targets[j] for j in val_idx[k:k + batch_size]], grad=False))
-                  for k in range(0, len(val_idx), batch_size)]
-        return sum(losses) / len(losses)
+            return {"step": step}
+        losses, recalls = [], {b: [] for b in BUDGETS}
+        for k in range(0, len(val_idx), cfg.batch_size):
+            ts = [store.get(keys[i]) for i in val_idx[k:k + cfg.batch_size]]
+            loss, rec = batch_loss(model, mod, ts, grad=False, budgets=BUDGETS)
+            losses.append(float(loss) * len(ts))
+            for b in BUDGETS:
+                recalls[b] += rec[b].tolist()
+        return {"step": step, "loss": sum(losses) / len(val_idx),
+                **{f"recall@{b}": sum(v) / len(v) for b, v in recalls.items()}}
 
     if step == 0 and not log["validation"]:
-        log["validation"].append({"step": 0, "loss": validate()})
+        log["validation"].append(validate())
     t1 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress)
-    done, stopped = 0, False
-    for epoch, batches in enumerate(per_epoch):
-        for group in batches:
-            done += 1
-            if done <= step:
-                continue  # resumed: this step was taken before the interruption
-            if time_limit_s is not None and time.perf_counter() - t1 > time_limit_s:
-                stopped = True
-                break
-            loss = batch_loss(model, mod, [targets[train_idx[j]] for j in group], grad=True)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            log["steps"].append({"step": step, "epoch": epoch, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.update(1)
-            if checkpoint_every and step % checkpoint_every == 0 and step < total:
-                _checkpoint(model, mod, ckpt, opt, sched, step, log)
-        log["validation"].append({"step": step, "epoch": epoch, "loss": validate()})
-        if stopped:
-            bar.write(f"training: time limit reached at step {step} of {total}")
+    pending: list[torch.Tensor] = []
+    stopped, steps_here, prompts_here = False, 0, 0
+    flat = [g for batches in per_epoch for g in batches]
+    for targets in _prefetch(store, keys, iter([[train_idx[j] for j in g] for g in flat[step:]])):
+        if cfg.time_limit is not None and time.perf_counter() - t1 > cfg.time_limit:
+            stopped = True
             break
-        bar.write(f"epoch {epoch}: validation KL {log['validation'][-1]['loss']:.4f} "
-                  f"(untrained {log['validation'][0]['loss']:.4f})")
+        loss, _ = batch_loss(model, mod, targets, grad=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        steps_here += 1
+        prompts_here += len(targets)
+        pending.append(loss.detach())
+        if len(pending) == 10 or step == total:  # one host sync per 10 steps
+            for j, v in enumerate(torch.stack(pending).tolist()):
+                log["steps"].append({"step": step - len(pending) + j + 1, "loss": v})
+            log["steps"][-1]["lr"] = sched.get_last_lr()[0]
+            bar.set_postfix(loss=f"{log['steps'][-1]['loss']:.4f}")
+            pending = []
+        bar.update(1)
+        if step in eval_at:
+            log["validation"].append(validate())
+            v = log["validation"][-1]
+            if "loss" in v:
+                bar.write(f"step {step}: validation KL {v['loss']:.4f}, recall@64 {v['recall@64']:.3f}")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            _checkpoint(model, mod, ckpt, opt, sched, step, log, signature)
     bar.close()
     train_s = time.perf_counter() - t1
-    lens = [len(targets[i].ids) for i in train_idx]
+    if stopped:
+        log["steps"] += [{"step": step - len(pending) + j + 1, "loss": v}
+                         for j, v in enumerate(torch.stack(pending).tolist())] if pending else []
+        _checkpoint(model, mod, ckpt, opt, sched, step, log, signature)
+        click.echo(f"training: time limit reached at step {step} of {total}; checkpoint in {ckpt} "
+                   "(run the same command again to go on)", err=True)
+    if log["validation"][-1]["step"] != step:
+        log["validation"].append(validate())
+    lens = [len(prompt_ids[i]) for i in train_idx]
     info = {
-        "data": {"split": "train (lookaheadkv.data.split_of)", "prompts": len(prompt_ids), "train": len(train_idx),
-                 "validation": len(val_idx), "without_target": sum(t is None for t in targets),
-                 "families": dict(Counter(family[i] for i in train_idx)),
-                 "prompt_tokens": {"min": min(lens), "mean": round(sum(lens) / len(lens)), "max": max(lens)},
-                 "response_tokens_cap": response_tokens,
-                 "response_tokens_mean": round(sum(len(targets[i].response) for i in train_idx) / len(train_idx), 1),
-                 "seed": seed},
-        "optimisation": {"epochs": epochs, "steps": step, "planned_steps": total,
-                         "stopped_by_time_limit": stopped, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW",
-                         "schedule": "linear warmup 5%, cosine to 10%", "grad_clip": 1.0},
-        "module": {"n": n, "rank": rank, "alpha": alpha, "targets": list(la.TARGETS)},
-        "loss": {"validation_untrained": log["validation"][0]["loss"],
-                 "validation_final": log["validation"][-1]["loss"],
-                 "train_last_50": sum(s["loss"] for s in log["steps"][-50:]) / max(1, len(log["steps"][-50:]))},
-        "time_s": {"targets": round(collect_s, 1), "training": round(train_s, 1),
+        "data": {"split": "train (lookaheadkv.data.split_of); validation by content hash", "prompts": len(prompt_ids),
+                 "train": len(train_idx), "validation": len(val_idx),
+                 "without_target": len(set(keys)) - len(answered),
+                 "families": dict(Counter(families[i] for i in train_idx)),
+                 "prompt_tokens": {"min": min(lens), "mean": round(sum(lens) / len(lens)), "max": max(lens),
+                                   "over_4k": sum(x > 4096 for x in lens)},
+                 "response_tokens_cap": cfg.response_tokens, "seed": cfg.seed},
+        "config": {**asdict(cfg), "families": list(cfg.families)},
+        "optimisation": {"steps": step, "planned_steps": total, "stopped_by_time_limit": stopped,
+                         "optimizer": "AdamW", "schedule": f"linear warmup {cfg.warmup:.0%}, cosine to "
+                         f"{cfg.final_lr:.0%} of lr", "grad_clip": 1.0},
+        "module": {"n": cfg.n, "rank": cfg.rank, "alpha": cfg.alpha, "targets": list(la.TARGETS) if cfg.rank else []},
+        "validation": {"untrained": log["validation"][0], "final": log["validation"][-1]},
+        "collection": collection,
+        "throughput": {"train_steps_per_s": steps_here / train_s if train_s else None,
+                       "train_prompts_per_s": prompts_here / train_s if train_s else None,
+                       "collect_prompts_per_s": collection["prompts"] / collection["seconds"]
+                       if collection["prompts"] else None},
+        "time_s": {"targets": round(collection["seconds"], 1), "training": round(train_s, 1),
                    "total": round(time.perf_counter() - t_start, 1)},
         "hardware": hardware(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
-    la.save(model, mod, out, training=info)
+    if device.type == "cuda":
+        info["throughput"]["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if not stopped:
+        la.save(model, mod, out, training=info)
+        if (ckpt / "state.pt").exists():
+            (ckpt / "state.pt").unlink()
     (out / "train_log.json").write_text(json.dumps({"training": info, **log}, indent=1) + "\n")
-    if (ckpt / "state.pt").exists():
-        (ckpt / "state.pt").unlink()
     return info
 
 
-def _shuffled(batches: list[list[int]], seed: int) -> list[list[int]]:
-    random.Random(seed).shuffle(batches)
-    return batches
-
-
-def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict) -> None:
+def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signature: dict) -> None:
     la.save(model, mod, ckpt)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "log": log},
-               ckpt / "state.pt.tmp")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "log": log,
+                "signature": signature}, ckpt / "state.pt.tmp")
     (ckpt / "state.pt.tmp").rename(ckpt / "state.pt")
 
 
@@ -364,36 +408,102 @@ def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict) -> Non
 @click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True,
               help="named model, local directory or Hub id")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="module directory to write")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, exists=True),
+              help="training prompts made by `lookaheadkv prompts` (default: built here from the options below)")
 @click.option("--samples", default=2000, show_default=True, help="training prompts (train split only)")
 @click.option("--min-tokens", default=300, show_default=True)
 @click.option("--max-tokens", default=3000, show_default=True)
 @click.option("--families", default=",".join(FAMILIES), show_default=True)
 @click.option("--response-tokens", default=256, show_default=True, help="greedy response cap (paper: 512)")
 @click.option("--epochs", default=2, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--lr", default=3e-3, show_default=True)
 @click.option("--n", "n_tokens", default=32, show_default=True, help="lookahead embeddings")
-@click.option("--rank", default=8, show_default=True)
+@click.option("--rank", default=8, show_default=True, help="LoRA rank (0: lookahead embeddings alone)")
 @click.option("--alpha", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--targets", "targets_dir", type=click.Path(file_okay=False), help="target store (default OUT/targets)")
-@click.option("--collect-batch-size", default=64, show_default=True)
-@click.option("--checkpoint-every", default=100, show_default=True)
+@click.option("--collect-batch-tokens", type=int, help="buffer tokens per collection batch (default: from free memory)")
+@click.option("--checkpoint-every", default=200, show_default=True)
+@click.option("--evals", default=8, show_default=True, help="validation evaluations during the run")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="continue from OUT/checkpoint")
 @click.option("--collect-time-limit", type=float, help="seconds for target collection (fewer prompts if exceeded)")
-@click.option("--time-limit", type=float, help="seconds for the training loop (fewer steps if exceeded)")
+@click.option("--time-limit", type=float, help="seconds for the training loop (a checkpoint to go on from)")
 @click.option("--device", default="cpu", show_default=True)
-def train_command(model_name, out, samples, min_tokens, max_tokens, families, response_tokens, epochs, batch_size,
-                  lr, n_tokens, rank, alpha, seed, targets_dir, collect_batch_size, checkpoint_every, resume,
-                  collect_time_limit, time_limit, device):
+def train_command(model_name, out, prompts_file, samples, min_tokens, max_tokens, families, response_tokens, epochs,
+                  batch_size, lr, n_tokens, rank, alpha, seed, targets_dir, collect_batch_tokens, checkpoint_every,
+                  evals, resume, collect_time_limit, time_limit, device):
     """Train a lookahead module (embeddings + LoRA) for a model and write it to OUT."""
     from .models import load_model
 
+    cfg = TrainConfig(samples, min_tokens, max_tokens, tuple(f for f in families.split(",") if f), response_tokens,
+                      epochs, batch_size, lr, n_tokens, rank, alpha, seed, checkpoint_every=checkpoint_every,
+                      evals=evals, collect_batch_tokens=collect_batch_tokens, collect_time_limit=collect_time_limit,
+                      time_limit=time_limit)
+    cfg.check()
+    ids = fams = None
+    if prompts_file:
+        ids, fams, _ = load_prompts(prompts_file)
     model, tok = load_model(model_name, device=device)
-    info = train(model, tok, out, samples, min_tokens, max_tokens, [f for f in families.split(",") if f],
-                 response_tokens, epochs, batch_size, lr, n_tokens, rank, alpha, seed,
-                 checkpoint_every=checkpoint_every, targets_dir=targets_dir, collect_batch_size=collect_batch_size,
-                 resume=resume, collect_time_limit_s=collect_time_limit, time_limit_s=time_limit)
-    click.echo(json.dumps({k: info[k] for k in ("data", "loss", "time_s", "hardware")}, indent=1))
-    click.echo(f"module written to {out}; use it with --method lookahead --module {out}")
+    info = train(model, tok, out, cfg, prompt_ids=ids, families=fams, targets_dir=targets_dir, resume=resume)
+    click.echo(json.dumps({k: info[k] for k in ("data", "validation", "throughput", "time_s", "hardware")}, indent=1))
+    if not info["optimisation"]["stopped_by_time_limit"]:
+        click.echo(f"module written to {out}; use it with --method lookahead --module {out}")
 
+
+
+@click.command("prompts")
+@click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True,
+              help="named model, local directory or Hub id (its tokenizer and chat format)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="prompt file to write (.safetensors)")
+@click.option("--samples", default=2000, show_default=True, help="training prompts (train split only)")
+@click.option("--min-tokens", default=300, show_default=True)
+@click.option("--max-tokens", default=3000, show_default=True)
+@click.option("--families", default=",".join(FAMILIES), show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def prompts_command(model_name, out, samples, min_tokens, max_tokens, families, seed):
+    """Build training prompts once (token ids), for `lookaheadkv train --prompts FILE` here or elsewhere."""
+    from transformers import AutoTokenizer
+
+    from .models import resolve
+
+    if Path(out).exists():
+        raise LookaheadKVError(f"{out} exists; give another --out or delete it")
+    if samples < 1:
+        raise LookaheadKVError(f"--samples must be at least 1, got {samples}")
+    tok = AutoTokenizer.from_pretrained(resolve(model_name))
+    fams = tuple(f for f in families.split(",") if f)
+    prompts = training_prompts(tok, samples, min_tokens, max_tokens, fams, seed, progress=True)
+    ids = tok([p.text(tok) for p in prompts], add_special_tokens=False)["input_ids"]
+    options = {"model": model_name, "samples": samples, "min_tokens": min_tokens, "max_tokens": max_tokens,
+               "families": list(fams), "seed": seed}
+    save_prompts(out, ids, [p.family for p in prompts], options)
+    n = sum(len(x) for x in ids)
+    click.echo(f"{len(ids)} prompts, {n} tokens (mean {n / len(ids):.0f}, longest {max(map(len, ids))}) in {out}")
+
+
+@click.command("targets")
+@click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True)
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="prompt file made by `lookaheadkv prompts`")
+@click.option("--targets", "targets_dir", required=True, type=click.Path(file_okay=False), help="target store")
+@click.option("--samples", type=int, help="the first SAMPLES prompts of the file (default: all)")
+@click.option("--response-tokens", default=256, show_default=True, help="greedy response cap (paper: 512)")
+@click.option("--batch-tokens", type=int, help="buffer tokens per collection batch (default: from free memory)")
+@click.option("--time-limit", type=float, help="seconds (a random subset is left for a later run)")
+@click.option("--seed", default=0, show_default=True, help="batch order")
+@click.option("--device", default="cpu", show_default=True)
+def targets_command(model_name, prompts_file, targets_dir, samples, response_tokens, batch_tokens, time_limit, seed,
+                    device):
+    """Collect training targets (responses + true importance) for a prompt file into a target store, so that
+    several `lookaheadkv train --targets DIR` runs (ablations, a later lease) share them."""
+    from .models import load_model
+
+    if response_tokens < 1 or (samples is not None and samples < 1):
+        raise LookaheadKVError("--response-tokens and --samples must be at least 1")
+    ids, _, _ = load_prompts(prompts_file)
+    model, tok = load_model(model_name, device=device)
+    store = TargetStore(targets_dir, la.model_identity(model), response_tokens)
+    stats = collect_targets(model, tok, ids[:samples], store, response_tokens, batch_tokens, time_limit_s=time_limit,
+                            seed=seed)
+    click.echo(json.dumps({**stats, "stored": len(store)}, indent=1))

@@ -1,7 +1,7 @@
 """Held-out evaluation of a lookahead module against the baselines, batched for the GPU.
 
-1. Defaults: on the trainer's validation prompts (a held-out share of the TRAIN split, with their stored
-   targets), importance recall of the lookahead scores under several pooling / window settings; the best
+1. Defaults: on the trainer's validation prompts (its content-hash share of the TRAIN-split prompts, with
+   their stored targets), importance recall of the lookahead scores under several pooling / window settings; the best
    (mean over budgets) is used below and written to grid.md.
 2. Test: on held-out TEST-split samples (lookaheadkv.recall.heldout_samples: SQuAD + distractors, HotpotQA,
    essays with a planted code), importance recall at each budget for every method (the model's own greedy
@@ -20,21 +20,25 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from lookaheadkv import lookahead as la
 from lookaheadkv import scoring
 from lookaheadkv import train as tr
+from lookaheadkv.collect import collect_batch, eos_ids, prompt_key
 from lookaheadkv.decode import Sampling, decode
 from lookaheadkv.evaluation.metrics import mean_ci, token_f1
 from lookaheadkv.generate import build_prompt, evict
+from lookaheadkv.importance import recall_per_sequence
 from lookaheadkv.methods import get_method
 from lookaheadkv.models import load_model
 from lookaheadkv.prefill import prefill
-from lookaheadkv.recall import heldout_samples
+from lookaheadkv.recall import Sample, heldout_samples
+from lookaheadkv.targets import TargetStore
+from lookaheadkv.train_data import load_prompts
 
 GRID = [dict(pooling=p, kernel=k, window=w, keep_window=w > 0)
         for p, k in (("none", 1), ("max", 5), ("max", 7), ("avg", 5), ("avg", 7)) for w in (0, 8, 32)]
@@ -48,34 +52,9 @@ def kept_for(model, pf, m, glimpse, budget):
     return scoring.select(scores, budgets, pf.valid, m.forced(pf))
 
 
-def truth_top(model, pf, truth, budgets):
-    """{budget: per layer [B, Hkv, b]}: the true top-b prompt positions per KV head (query heads averaged onto
-    their KV head, pads never chosen), as lookaheadkv.importance.importance_recall ranks them."""
-    n_kv, length = model.config.num_key_value_heads, pf.length
-    full = torch.zeros((len(truth), truth[0].shape[0], truth[0].shape[1], length), device=pf.valid.device)
-    for i, t in enumerate(truth):
-        full[i, ..., length - t.shape[-1]:] = t.float().to(pf.valid.device)
-    out = {}
-    for b in budgets:
-        per_layer = []
-        for layer in range(full.shape[1]):
-            t = scoring.reduce_gqa(full[:, layer], n_kv, "mean").masked_fill(~pf.valid[:, None, :], float("-inf"))
-            per_layer.append(t.topk(min(b, length), dim=-1).indices)
-        out[b] = per_layer
-    return out
-
-
-def recall_rows(pf, top, kept):
-    """Per-sample importance recall: share of the true top positions kept, mean over layers and KV heads
-    (the batched form of lookaheadkv.importance.importance_recall)."""
-    shares = []
-    for t, k in zip(top, kept):
-        if k is None:
-            shares.append(torch.ones(t.shape[0], device=t.device))
-            continue
-        hit = torch.zeros((*t.shape[:2], pf.length), dtype=torch.bool, device=t.device).scatter_(-1, k, True)
-        shares.append(hit.gather(-1, t).float().mean(dim=(1, 2)))
-    return torch.stack(shares).mean(dim=0).tolist()
+def recall_rows(model, pf, truth, kept, budget):
+    """Per-sample importance recall (lookaheadkv.importance.recall_per_sequence on the batch)."""
+    return recall_per_sequence(truth, kept, budget, model.config.num_key_value_heads, pf.valid).tolist()
 
 
 def batches(lengths, size):
@@ -91,11 +70,11 @@ def grid(model, mod, targets, budgets, batch_size, device):
         ids, mask = tr.left_pad([t.ids for t in ts])
         pf = prefill(model, ids.to(device), mask.to(device))
         glimpse = la.lookahead_pass(model, mod, pf).mean()
-        top = truth_top(model, pf, [t.truth for t in ts], budgets)
+        truth = tr._truth_batch(ts, pf.length, device)
         for g in GRID:
             m = get_method("lookahead", **g)
             for b in budgets:
-                sums[json.dumps(g)][b] += recall_rows(pf, top[b], kept_for(model, pf, m, glimpse, b))
+                sums[json.dumps(g)][b] += recall_rows(model, pf, truth, kept_for(model, pf, m, glimpse, b), b)
     table = {k: {b: sum(v) / len(v) for b, v in per.items()} for k, per in sums.items()}
     best = max(table, key=lambda k: sum(table[k].values()))
     lines = [f"lookahead scoring options: importance recall on {len(items)} validation prompts (train split, "
@@ -111,9 +90,14 @@ def grid(model, mod, targets, budgets, batch_size, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--module", required=True)
-    ap.add_argument("--targets", help="the trainer's target folder, for the options grid (omit: module defaults)")
+    ap.add_argument("--module", help="module directory (default: the one shipped for the model)")
+    ap.add_argument("--targets", help="the trainer's target store, for the options grid (omit: module defaults)")
+    ap.add_argument("--prompts", help="the trainer's prompt file (its validation share is the grid's prompts)")
+    ap.add_argument("--target-tokens", type=int, default=512, help="the store's response cap")
     ap.add_argument("--val-share", type=float, default=0.05)
+    ap.add_argument("--val-max", type=int, default=256)
+    ap.add_argument("--samples-file", help="held-out samples (JSON); made and written there when it is missing")
+    ap.add_argument("--only-samples", action="store_true", help="write --samples-file and stop")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--min-tokens", type=int, default=1000)
@@ -126,34 +110,51 @@ def main():
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="output folder (required unless --only-samples)")
     a = ap.parse_args()
+    if not a.out and not a.only_samples or a.only_samples and not a.samples_file:
+        ap.error("give --out (or --only-samples with --samples-file)")
+    if a.only_samples:
+        from transformers import AutoTokenizer
+
+        from lookaheadkv.models import resolve
+
+        tok = AutoTokenizer.from_pretrained(resolve(a.model))
+        samples = heldout_samples(tok, a.samples, a.min_tokens, a.max_tokens, seed=a.seed)
+        Path(a.samples_file).write_text(json.dumps([asdict(x) for x in samples]))
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model, tok = load_model(a.model, device=a.device)
-    mod = la.load(model, a.module)
+    if a.samples_file and Path(a.samples_file).exists():
+        samples = [Sample(**x) for x in json.loads(Path(a.samples_file).read_text())]
+    else:
+        samples = heldout_samples(tok, a.samples, a.min_tokens, a.max_tokens, seed=a.seed)
+        if a.samples_file:
+            Path(a.samples_file).write_text(json.dumps([asdict(x) for x in samples]))
+    mod = la.use_module(model, a.module)
     budgets = [int(b) for b in a.budgets.split(",")]
     device = next(model.parameters()).device
 
     chosen = {k: getattr(get_method("lookahead"), k) for k in ("pooling", "kernel", "window", "keep_window")}
     if a.targets:
-        targets = tr.load_targets(a.targets)
-        _, val_idx = tr.split_validation(len(targets), a.val_share, a.seed)
-        chosen, text = grid(model, mod, [targets[i] for i in val_idx], budgets, a.batch_size, device)
+        store = TargetStore(a.targets, la.model_identity(model), a.target_tokens)
+        keys = [prompt_key(x) for x in load_prompts(a.prompts)[0]]
+        val = [k for k in dict.fromkeys(keys) if tr.is_validation(k, a.val_share) and k in store][: a.val_max]
+        chosen, text = grid(model, mod, [store.get(k) for k in val], budgets, a.batch_size, device)
         (out / "grid.md").write_text(text + "\n")
         print(text)
     methods = {name: get_method(name, **(chosen if name == "lookahead" else {})) for name in a.methods.split(",")}
     f1_methods, f1_budgets = a.f1_methods.split(","), [int(b) for b in a.f1_budgets.split(",")]
 
-    samples = heldout_samples(tok, a.samples, a.min_tokens, a.max_tokens, seed=a.seed)
     ids = [tok(build_prompt(tok, s.context, s.question), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
            for s in samples]
-    eos = tr.eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     rows = []
     rec_rows = sorted({m.prefill_rows() for m in methods.values()} - {0})
     for group in tqdm(batches([len(x) for x in ids], a.batch_size), desc="test", unit="batch"):
-        targets = tr.collect_batch(model, [ids[i] for i in group], a.response_tokens, eos)
+        targets = collect_batch(model, [ids[i] for i in group], a.response_tokens, eos)
         keep = [(i, t) for i, t in zip(group, targets) if t is not None]
         for i, t in zip(group, targets):
             if t is None:
@@ -164,12 +165,12 @@ def main():
         bid, mask = tr.left_pad([ids[i] for i in group])
         pf = prefill(model, bid.to(device), mask.to(device), record_rows=rec_rows)
         glimpse = la.lookahead_pass(model, mod, pf).mean() if "lookahead" in methods else None
-        top = truth_top(model, pf, [t.truth for t in ts], budgets)
+        truth = tr._truth_batch(ts, pf.length, device)
         refs = [tok.decode(t.response[:a.answer_tokens], skip_special_tokens=True).strip() for t in ts]
         for name, m in methods.items():
             for b in budgets:
                 kept = kept_for(model, pf, m, glimpse if name == "lookahead" else None, b)
-                rec = recall_rows(pf, top[b], kept)
+                rec = recall_rows(model, pf, truth, kept, b)
                 f1 = [None] * len(group)
                 answers = [None] * len(group)
                 if name in f1_methods and b in f1_budgets:

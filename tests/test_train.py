@@ -1,16 +1,23 @@
-"""The lookahead trainer on tiny random-weight models: targets, loss, one step, a whole run, resume."""
+"""The lookahead trainer on tiny random-weight models: fast target collection against a per-sequence reference,
+the content-hash store, loss, one step, a whole run, resume, and the refusals."""
 
 import types
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import tiny_model
 
 from lookaheadkv import LookaheadKVError
 from lookaheadkv import lookahead as la
 from lookaheadkv import train as tr
-from lookaheadkv.importance import true_importance
+from lookaheadkv.cli import main
+from lookaheadkv.collect import collect_batch, plan_batches, prompt_key
+from lookaheadkv.decode import Sampling, decode
+from lookaheadkv.importance import importance_recall, recall_per_sequence
 from lookaheadkv.prefill import prefill
+from lookaheadkv.targets import TargetStore
+from lookaheadkv.train_data import load_prompts, save_prompts
 
 TOK = types.SimpleNamespace(eos_token_id=None)
 
@@ -20,17 +27,71 @@ def prompts(k, seed=0, low=20, high=48):
     return [torch.randint(3, 128, (int(torch.randint(low, high, (1,), generator=g)),), generator=g) for _ in range(k)]
 
 
-def test_batched_targets_equal_one_at_a_time():
-    model = tiny_model()
-    ids = prompts(3)
-    batched = tr.collect_batch(model, ids, 6, set())
-    for x, t in zip(ids, batched):
-        alone = tr.collect_batch(model, [x], 6, set())[0]
-        assert torch.equal(t.response, alone.response) and len(t.response) == 6
-        torch.testing.assert_close(t.truth, alone.truth, rtol=0, atol=1e-3)  # stored in fp16
-        ref = true_importance(model, prefill(model, x[None]), t.response[None])  # the core's definition
-        torch.testing.assert_close(t.truth.float(), torch.stack([r[0] for r in ref]).float(), rtol=1e-3, atol=1e-4)
+def reference(model, eager, ids, cap, eos):
+    """One prompt alone, the straightforward way: plain decode, then transformers' eager attention over prompt +
+    response with output_attentions (fine at these lengths), the response rows onto the prompt averaged."""
+    pf = prefill(model, ids[None])
+    resp = decode(model, pf, None, eos, Sampling(cap))[0]
+    if not resp:
+        return None, None
+    with torch.no_grad():
+        att = eager(torch.cat([ids, torch.tensor(resp)])[None], output_attentions=True).attentions
+    return resp, torch.stack([a[0, :, len(ids):, :len(ids)].mean(dim=1) for a in att])
+
+
+@pytest.mark.parametrize("eos", [set(), set(range(3, 24))])  # no EOS; EOS often (rows leave the batch)
+def test_fast_collection_equals_a_per_sequence_reference(eos):
+    model, eager = tiny_model(), tiny_model()
+    eager.set_attn_implementation("eager")
+    ids = sorted(prompts(7, seed=5, low=8, high=60), key=len)
+    got = collect_batch(model, ids, 24, eos, prefill_tokens=90, check_every=4)  # several prefill sub-batches
+    answered = 0
+    for x, t in zip(ids, got):
+        resp, truth = reference(model, eager, x, 24, eos)
+        if resp is None:
+            assert t is None
+            continue
+        answered += 1
+        assert t.response.tolist() == resp  # token for token
         assert t.truth.shape == (3, 4, len(x))
+        torch.testing.assert_close(t.truth.double(), truth, rtol=0, atol=1e-5)
+    assert answered >= 3
+
+
+def test_plan_batches_bound_the_buffer_and_group_by_length():
+    lengths = [50, 10, 400, 30, 35, 300, 12]
+    groups = plan_batches(lengths, 16, max_tokens=500)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    for g in groups:
+        assert len(g) * (max(lengths[i] for i in g) + 16) <= 500 or len(g) == 1
+    assert groups == [[1, 6, 3, 4, 0], [5], [2]]  # in order of length; 5 x (50 + 16) fits, 2 x (400 + 16) not
+
+
+def test_the_store_survives_another_batch_size_order_and_subset(tmp_path):
+    model = tiny_model()
+    ids = prompts(6, seed=3)
+    ident = la.model_identity(model)
+    store = TargetStore(tmp_path, ident, 5)
+    first = tr.collect_targets(model, TOK, ids, store, 5, max_batch_tokens=60, progress=False)
+    assert first["prompts"] == 6 and first["batches"] > 2
+    again = TargetStore(tmp_path, ident, 5)  # a later run: found on disk by content
+    stats = tr.collect_targets(model, TOK, ids[::-1][:4], again, 5, max_batch_tokens=10_000, progress=False)
+    assert stats["prompts"] == 0 and stats["already_stored"] == 4
+    one = collect_batch(model, [ids[2]], 5, set())[0]
+    got = again.get(prompt_key(ids[2]))
+    assert torch.equal(got.response, one.response) and torch.equal(got.ids, ids[2])
+    torch.testing.assert_close(got.truth.float(), one.truth.float(), rtol=1e-3, atol=1e-4)  # stored in fp16
+    more = ids + prompts(2, seed=9)
+    stats = tr.collect_targets(model, TOK, more, again, 5, max_batch_tokens=10_000, progress=False)
+    assert stats["prompts"] == 2 and len(TargetStore(tmp_path, ident, 5)) == 8
+
+
+def test_the_store_refuses_another_model_or_response_cap(tmp_path):
+    TargetStore(tmp_path, la.model_identity(tiny_model()), 5)
+    with pytest.raises(LookaheadKVError, match="response cap of 5"):
+        TargetStore(tmp_path, la.model_identity(tiny_model()), 6)
+    with pytest.raises(LookaheadKVError, match="another model"):
+        TargetStore(tmp_path, la.model_identity(tiny_model(seed=1)), 5)
 
 
 def test_kl_loss_matches_a_reference_and_is_zero_at_the_truth():
@@ -46,16 +107,31 @@ def test_kl_loss_matches_a_reference_and_is_zero_at_the_truth():
     assert float(tr.kl_loss([truth[:, i] * 3 for i in range(3)], truth)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_batched_recall_equals_the_one_sequence_form_and_ignores_pads():
+    g = torch.Generator().manual_seed(1)
+    truth = torch.rand(2, 3, 4, 30, generator=g)
+    truth[1, ..., :12] = 0
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1, :12] = False
+    kept = [torch.randperm(30, generator=g)[:8].sort().values.expand(2, 2, 8).clone() for _ in range(3)]
+    got = recall_per_sequence(truth, kept, 8, 2, valid)
+    ref = importance_recall([truth[0, layer][None] for layer in range(3)], [k[:1] for k in kept], 8, 2)
+    assert got[0].item() == pytest.approx(ref)
+    # a sequence of 18 real tokens keeping all of them scores 1 at a budget above its length
+    everything = [torch.arange(12, 30).expand(2, 2, 18).clone() for _ in range(3)]
+    assert recall_per_sequence(truth, everything, 25, 2, valid)[1].item() == pytest.approx(1.0)
+
+
 def test_one_training_step_lowers_the_loss_on_that_batch():
     model = tiny_model()
     model.requires_grad_(False)
-    targets = tr.collect_batch(model, prompts(4, seed=1), 8, set())
+    targets = collect_batch(model, sorted(prompts(4, seed=1), key=len), 8, set())
     mod = la.create(model, n=4, rank=4, alpha=8)
     params = mod.parameters(model)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-2)
-    before = tr.batch_loss(model, mod, targets, grad=True)
+    before, _ = tr.batch_loss(model, mod, targets, grad=True)
     before.backward()
     assert float(mod.embeddings.grad.abs().sum()) > 0
     # every LoRA before the last layer's attention scores feeds the loss (the last layer's v, o and MLP cannot)
@@ -63,15 +139,19 @@ def test_one_training_step_lowers_the_loss_on_that_batch():
     assert all(g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if "layers.2." not in n)
     assert all(p.grad is None for n, p in model.named_parameters() if ".lookahead." not in n)  # model frozen
     opt.step()
-    after = tr.batch_loss(model, mod, targets, grad=False)
+    after, _ = tr.batch_loss(model, mod, targets, grad=False)
     assert after.item() < before.item()
 
 
-def run(model, out, **kw):
-    args = dict(epochs=2, batch_size=2, lr=1e-2, n=4, rank=4, alpha=8, response_tokens=6, val_share=0.25,
-                checkpoint_every=2, collect_batch_size=3, progress=False, prompt_ids=prompts(8, seed=2))
+def config(**kw):
+    args = dict(samples=10, epochs=2, batch_size=2, lr=1e-2, n=4, rank=4, alpha=8, response_tokens=6,
+                val_share=0.3, checkpoint_every=2, evals=2)
     args.update(kw)
-    return tr.train(model, TOK, out, **args)
+    return tr.TrainConfig(**args)
+
+
+def run(model, out, cfg=None, **kw):
+    return tr.train(model, TOK, out, cfg or config(), prompt_ids=prompts(10, seed=2), progress=False, **kw)
 
 
 def test_train_writes_a_loadable_module_and_a_log(tmp_path):
@@ -80,11 +160,14 @@ def test_train_writes_a_loadable_module_and_a_log(tmp_path):
     files = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "lookahead_embeddings.safetensors",
             "lookahead.json", "train_log.json", "targets"} <= files
-    assert info["data"]["train"] + info["data"]["validation"] == 8 and info["optimisation"]["steps"] == 6
-    assert info["loss"]["validation_final"] < info["loss"]["validation_untrained"]
+    val = sum(tr.is_validation(prompt_key(x), 0.3) for x in prompts(10, seed=2))
+    assert 0 < val < 10 and info["data"]["validation"] == val and info["data"]["train"] == 10 - val
+    assert info["optimisation"]["steps"] == 2 * -(-(10 - val) // 2)
+    assert info["validation"]["final"]["loss"] < info["validation"]["untrained"]["loss"]
+    assert {"recall@32", "recall@64"} <= set(info["validation"]["final"])
     got = la.load(tiny_model(), tmp_path / "m")
     assert torch.equal(got.embeddings, model._lookahead_module.embeddings.detach())
-    assert got.meta["training"]["data"]["prompts"] == 8
+    assert got.meta["training"]["data"]["prompts"] == 10
 
 
 def test_resume_after_an_interruption_gives_the_same_module(tmp_path, monkeypatch):
@@ -92,12 +175,12 @@ def test_resume_after_an_interruption_gives_the_same_module(tmp_path, monkeypatc
     run(whole, tmp_path / "a")
     real, calls = tr.batch_loss, {"n": 0}
 
-    def interrupted(model, mod, targets, grad):
+    def interrupted(model, mod, targets, grad, budgets=()):
         if grad:
             calls["n"] += 1
             if calls["n"] == 4:
                 raise KeyboardInterrupt
-        return real(model, mod, targets, grad)
+        return real(model, mod, targets, grad, budgets)
 
     monkeypatch.setattr(tr, "batch_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -112,11 +195,49 @@ def test_resume_after_an_interruption_gives_the_same_module(tmp_path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_targets_are_reused_and_refused_for_other_prompts(tmp_path):
+def test_a_time_limit_leaves_a_checkpoint_and_the_rerun_finishes_the_same(tmp_path):
+    whole = tiny_model()
+    run(whole, tmp_path / "a")
+    info = run(tiny_model(), tmp_path / "b", config(time_limit=0.0))
+    assert info["optimisation"]["stopped_by_time_limit"] and info["optimisation"]["steps"] == 0
+    assert not (tmp_path / "b" / "lookahead.json").exists()  # no module is written from a stopped run
+    resumed = tiny_model()
+    run(resumed, tmp_path / "b")
+    assert torch.equal(resumed._lookahead_module.embeddings, whole._lookahead_module.embeddings)
+
+
+def test_a_resume_with_other_options_is_refused(tmp_path, monkeypatch):
+    run(tiny_model(), tmp_path / "m", config(time_limit=0.0))
+    with pytest.raises(LookaheadKVError, match="other n, rank"):
+        run(tiny_model(), tmp_path / "m", config(n=6, rank=2))
+
+
+def test_lookahead_tokens_without_a_lora_train_and_load(tmp_path):
     model = tiny_model()
-    ids = prompts(4, seed=3)
-    first = tr.collect_targets(model, TOK, ids, tmp_path, 5, progress=False)
-    again = tr.collect_targets(model, TOK, ids, tmp_path, 5, progress=False)
-    assert all(torch.equal(a.truth, b.truth) for a, b in zip(first, again))
-    with pytest.raises(LookaheadKVError, match="other prompts or another model"):
-        tr.collect_targets(model, TOK, prompts(4, seed=4), tmp_path, 5, progress=False)
+    info = run(model, tmp_path / "m", config(rank=0))
+    assert info["module"]["targets"] == [] and not (tmp_path / "m" / "adapter_model.safetensors").exists()
+    assert not any(".lookahead." in n for n, _ in model.named_parameters())
+    got = la.load(tiny_model(), tmp_path / "m")
+    assert got.rank == 0 and torch.equal(got.embeddings, model._lookahead_module.embeddings.detach())
+
+
+def test_prompt_files_round_trip(tmp_path):
+    ids = [[5, 6, 7], [1], [9, 9]]
+    save_prompts(tmp_path / "p.safetensors", ids, ["a", "b", "c"], {"seed": 3})
+    got, fams, opts = load_prompts(tmp_path / "p.safetensors")
+    assert [x.tolist() for x in got] == ids and fams == ["a", "b", "c"] and opts == {"seed": 3}
+    (tmp_path / "bad").write_text("not a prompt file")
+    with pytest.raises(LookaheadKVError, match="not a prompt file"):
+        load_prompts(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "0"], "--samples must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--lr", "0"], "--lr > 0"),
+])
+def test_train_refuses_bad_options_in_one_line(tmp_path, args, message):
+    res = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "m"), *args])
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,214 @@
+"""The trainer's own benchmark: target collection, training steps, peak memory, and the stored target's form.
+
+    lookaheadkv bench-train --device cuda --samples 2048 --out results/train/smollm2_h200
+
+1. Collection (lookaheadkv.collect) on fresh prompts of the training families: prompts/s, response tokens/s,
+   peak memory; beside it, plain `model.generate` (greedy, left-padded batches, dynamic and static cache) on a
+   share of the same prompts, which makes the responses alone (no importance), as the reference point.
+2. Training steps (train.batch_loss + AdamW) at --batch-size on those targets: steps/s, prompts/s, peak memory.
+3. The target's form: the loss of one predictor against the fp32 truth and against the truth as stored (fp16,
+   bf16) or cut to its top-k entries per head (the rest spread evenly), over the same prompts.
+Writes bench_train.json and bench_train.md to --out and prints the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from .. import lookahead as la
+from ..collect import collect_batch, eos_ids, plan_batches, tokens_that_fit
+from ..errors import LookaheadKVError
+from ..train import batch_loss, hardware, kl_loss, left_pad
+from ..train_data import FAMILIES, load_prompts, training_prompts
+from .timing import Clock
+
+
+def _prompts(tok, samples: int, min_tokens: int, max_tokens: int, seed: int) -> list[torch.Tensor]:
+    ps = training_prompts(tok, samples, min_tokens, max_tokens, FAMILIES, seed)
+    return [torch.tensor(x) for x in tok([p.text(tok) for p in ps], add_special_tokens=False)["input_ids"]]
+
+
+def bench_collect(model, tok, ids: list[torch.Tensor], cap: int, batch_tokens: int | None) -> tuple[dict, list]:
+    device = next(model.parameters()).device
+    eos = eos_ids(model, tok)
+    budget = batch_tokens or tokens_that_fit(model, cap)
+    groups = plan_batches([len(x) for x in ids], cap, budget)
+    collect_batch(model, [ids[i] for i in groups[0][:4]], 8, eos)  # warm-up: kernels, allocator
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = Clock(device)
+    targets = []
+    for g in groups:
+        targets += [t for t in collect_batch(model, [ids[i] for i in g], cap, eos) if t is not None]
+    s = clock.lap()
+    resp = sum(len(t.response) for t in targets)
+    out = {"prompts": len(ids), "answered": len(targets), "batches": len(groups), "batch_tokens": budget,
+           "seconds": s, "prompts_per_s": len(ids) / s, "response_tokens_per_s": resp / s,
+           "response_tokens_mean": resp / max(1, len(targets)), "response_cap": cap,
+           "prompt_tokens_mean": sum(map(len, ids)) / len(ids)}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out, targets
+
+
+def bench_generate(model, tok, ids: list[torch.Tensor], cap: int, batch: int, static: bool) -> dict:
+    """Plain transformers greedy generation of the same prompts (responses only), batches of `batch`."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    kw = dict(max_new_tokens=cap, do_sample=False, pad_token_id=tok.pad_token_id,
+              **({"cache_implementation": "static"} if static else {}))
+    x, m = left_pad([ids[i] for i in order[:batch]], tok.pad_token_id)
+    model.generate(input_ids=x.to(device), attention_mask=m.long().to(device), **{**kw, "max_new_tokens": 4})
+    clock = Clock(device)
+    new = 0
+    for k in range(0, len(order), batch):
+        x, m = left_pad([ids[i] for i in order[k:k + batch]], tok.pad_token_id)
+        got = model.generate(input_ids=x.to(device), attention_mask=m.long().to(device), **kw)
+        new += int((got[:, x.shape[1]:] != tok.pad_token_id).sum())
+    s = clock.lap()
+    return {"prompts": len(ids), "batch": batch, "static_cache": static, "seconds": s,
+            "prompts_per_s": len(ids) / s, "new_tokens_per_s": new / s}
+
+
+def bench_steps(model, targets: list, batch: int, steps: int, warmup: int = 3) -> tuple[dict, la.LookaheadModule]:
+    device = next(model.parameters()).device
+    model.requires_grad_(False)
+    mod = la.create(model, 32, 8, 32)
+    params = mod.parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3, **({"fused": True} if device.type == "cuda" else {}))
+    order = sorted(range(len(targets)), key=lambda i: len(targets[i].ids))
+    groups = [order[k:k + batch] for k in range(0, len(order) - batch + 1, batch)]
+    if not groups:
+        raise LookaheadKVError(f"need at least {batch} answered prompts to time training steps")
+
+    def step(g):
+        loss, _ = batch_loss(model, mod, [targets[i] for i in g], grad=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    for k in range(warmup):
+        step(groups[k % len(groups)])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = Clock(device)
+    tokens = 0
+    for k in range(steps):
+        g = groups[k % len(groups)]
+        step(g)
+        tokens += sum(len(targets[i].ids) for i in g)
+    s = clock.lap()
+    out = {"batch": batch, "steps": steps, "seconds": s, "steps_per_s": steps / s, "prompts_per_s": steps * batch / s,
+           "prompt_tokens_mean": tokens / (steps * batch)}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out, mod
+
+
+def _topk_form(t: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k entries per head kept, the remaining mass spread evenly over the other positions."""
+    length = t.shape[-1]
+    if k >= length:
+        return t
+    v, i = t.topk(k, dim=-1)
+    rest = (t.sum(-1, keepdim=True) - v.sum(-1, keepdim=True)).clamp_min(0) / (length - k)
+    return rest.expand_as(t).clone().scatter_(-1, i, v)
+
+
+def bench_forms(model, mod, targets: list, n: int = 64, ks=(256, 512, 1024)) -> list[dict]:
+    """Loss of one predictor (the module after the timed steps) against each form of the truth."""
+    device = next(model.parameters()).device
+    rows: dict[str, list[float]] = {}
+    from ..prefill import prefill
+
+    for t in targets[:n]:
+        with torch.no_grad():
+            pf = prefill(model, t.ids[None].to(device))
+            pred = la.lookahead_pass(model, mod, pf).mean()
+        exact = t.truth.float()[None].to(device)
+        forms = {"fp32": exact, "fp16": exact.half().float(), "bf16": exact.bfloat16().float()}
+        forms |= {f"top-{k} + even rest": _topk_form(exact, k) for k in ks}
+        for name, f in forms.items():
+            rows.setdefault(name, []).append(float(kl_loss(pred, f)))
+    base = sum(rows["fp32"]) / len(rows["fp32"])
+    return [{"form": k, "loss": sum(v) / len(v), "relative_change": sum(v) / len(v) / base - 1}
+            for k, v in rows.items()]
+
+
+def markdown(res: dict) -> str:
+    c, s = res["collection"], res["training"]
+    lines = [f"# Trainer benchmark: {res['model']} on {res['hardware']}", "",
+             f"Prompts: {c['prompts']} of the training families, {res['min_tokens']}-{res['max_tokens']} tokens "
+             f"(mean {c['prompt_tokens_mean']:.0f}), greedy responses capped at {c['response_cap']} tokens.", "",
+             "| collection | prompts/s | response tokens/s | mean response | seconds | peak GiB |",
+             "|---|---|---|---|---|---|",
+             f"| lookaheadkv.collect (responses + importance) | {c['prompts_per_s']:.1f} | "
+             f"{c['response_tokens_per_s']:.0f} | {c['response_tokens_mean']:.1f} | {c['seconds']:.1f} | "
+             f"{c.get('peak_gib', float('nan')):.1f} |"]
+    for g in res.get("generate", []):
+        cache = "static" if g["static_cache"] else "dynamic"
+        lines.append(f"| model.generate, batch {g['batch']}, {cache} cache (responses only, {g['prompts']} prompts) "
+                     f"| {g['prompts_per_s']:.1f} | {g['new_tokens_per_s']:.0f} | | {g['seconds']:.1f} | |")
+    lines += ["", "| training | steps/s | prompts/s | mean prompt tokens | peak GiB |", "|---|---|---|---|---|",
+              f"| batch {s['batch']}, {s['steps']} steps | {s['steps_per_s']:.2f} | {s['prompts_per_s']:.1f} | "
+              f"{s['prompt_tokens_mean']:.0f} | {s.get('peak_gib', float('nan')):.1f} |", "",
+              "| target form | loss (KL) | change vs fp32 |", "|---|---|---|"]
+    lines += [f"| {f['form']} | {f['loss']:.5f} | {f['relative_change']:+.2%} |" for f in res["forms"]]
+    return "\n".join(lines)
+
+
+@click.command("bench-train")
+@click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--samples", default=256, show_default=True, help="prompts to collect targets for")
+@click.option("--min-tokens", default=1000, show_default=True)
+@click.option("--max-tokens", default=3000, show_default=True)
+@click.option("--response-tokens", default=256, show_default=True)
+@click.option("--batch-tokens", type=int, help="collection buffer tokens per batch (default: from free memory)")
+@click.option("--batch-size", default=16, show_default=True, help="training batch")
+@click.option("--steps", default=30, show_default=True, help="timed training steps")
+@click.option("--generate-batches", default="", help="batch sizes for the model.generate reference ('' : none)")
+@click.option("--generate-share", default=0.25, show_default=True, help="share of the prompts it generates for")
+@click.option("--seed", default=1, show_default=True, help="prompt seed (the training prompts use 0)")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, exists=True),
+              help="take the prompts from this file (`lookaheadkv prompts`) instead of building them")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+def bench_train(model_name, device, samples, min_tokens, max_tokens, response_tokens, batch_tokens, batch_size, steps,
+                generate_batches, generate_share, seed, prompts_file, out):
+    """Collection and training throughput of the lookahead trainer, and the stored target's form."""
+    from ..models import load_model
+
+    if samples < batch_size:
+        raise LookaheadKVError(f"--samples ({samples}) must be at least --batch-size ({batch_size})")
+    model, tok = load_model(model_name, device=device)
+    if prompts_file:
+        ids, _, opts = load_prompts(prompts_file)
+        ids, min_tokens, max_tokens = ids[:samples], opts["min_tokens"], opts["max_tokens"]
+    else:
+        ids = _prompts(tok, samples, min_tokens, max_tokens, seed)
+    res = {"model": model_name, "hardware": hardware(next(model.parameters()).device),
+           "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "min_tokens": min_tokens,
+           "max_tokens": max_tokens, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    res["collection"], targets = bench_collect(model, tok, ids, response_tokens, batch_tokens)
+    click.echo(json.dumps(res["collection"]), err=True)
+    res["generate"] = []
+    share = ids[: max(1, int(len(ids) * generate_share))]
+    for b in [int(x) for x in generate_batches.split(",") if x.strip()]:
+        for static in (False, True):
+            res["generate"].append(bench_generate(model, tok, share, response_tokens, b, static))
+            click.echo(json.dumps(res["generate"][-1]), err=True)
+    res["training"], mod = bench_steps(model, targets, batch_size, steps)
+    res["forms"] = bench_forms(model, mod, targets)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_train.json").write_text(json.dumps(res, indent=1) + "\n")
+    text = markdown(res)
+    (out / "bench_train.md").write_text(text + "\n")
+    click.echo(text)

@@ -1,0 +1,88 @@
+"""The target store: training targets on disk, keyed by each prompt's content hash.
+
+A folder holds `manifest.json` (the model's identity and the response cap the targets were made with: a folder
+serves one of each, anything else is refused) and shards `shard-<hash>.safetensors`, each written once,
+atomically, by one collection batch. A shard holds, per prompt key, `<key>.ids`, `<key>.response` and
+`<key>.truth` (fp16: measured equal to fp32 in the loss, results/train/), or only `<key>.ids` where the model
+answered nothing (so that prompt is not collected again). Because targets are found by content, a run with
+another batch size, prompt order or subset reuses exactly the targets it shares with an earlier one, and
+processes reading the same folder (ablations, several ranks) share one copy through the page cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .collect import Target
+from .errors import LookaheadKVError
+
+FORMAT = 2  # 1: shards by batch index (train.py before the content-hash store), refused
+TRUTH_DTYPE = torch.float16
+
+
+class TargetStore:
+    def __init__(self, path: str | Path, identity: dict, response_tokens: int):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": FORMAT, "config_sha256": identity["config_sha256"],
+                    "weights_sha256": identity["weights_sha256"], "response_tokens": response_tokens}
+        mpath = self.path / "manifest.json"
+        if mpath.exists():
+            have = json.loads(mpath.read_text())
+            if {k: have.get(k) for k in manifest} != manifest:
+                what = ("an older target format" if have.get("format") != FORMAT else
+                        f"a response cap of {have.get('response_tokens')}"
+                        if have.get("response_tokens") != response_tokens else "another model")
+                raise LookaheadKVError(f"{self.path} holds targets made with {what}; give another --targets "
+                                       "folder or delete it")
+        else:
+            mpath.write_text(json.dumps({**manifest, "model": identity.get("name", "")}, indent=1) + "\n")
+        self._index: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
+        for shard in sorted(self.path.glob("shard-*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith(".ids"):
+                        self._index[name[:-4]] = shard
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, key: str) -> Target | None:
+        """The stored target (truth in fp16), or None where the model answered nothing."""
+        shard = self._index[key]
+        f = self._open.get(shard)
+        if f is None:
+            f = self._open[shard] = safe_open(str(shard), framework="pt")
+        if f"{key}.truth" not in f.keys():
+            return None
+        return Target(f.get_tensor(f"{key}.ids"), f.get_tensor(f"{key}.response"), f.get_tensor(f"{key}.truth"))
+
+    def put(self, targets: Iterable[tuple[str, torch.Tensor, Target | None]]) -> None:
+        """Write one shard of (key, prompt ids, target or None) atomically: it is there whole or not at all."""
+        tensors: dict[str, torch.Tensor] = {}
+        for key, ids, t in targets:
+            tensors[f"{key}.ids"] = ids.to(torch.int64).contiguous()
+            if t is not None:
+                tensors[f"{key}.response"] = t.response.to(torch.int64).contiguous()
+                tensors[f"{key}.truth"] = t.truth.to(TRUTH_DTYPE).contiguous()
+        if not tensors:
+            return
+        keys = sorted(k[:-4] for k in tensors if k.endswith(".ids"))
+        name = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
+        shard = self.path / f"shard-{name}.safetensors"
+        tmp = shard.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.rename(shard)
+        for k in keys:
+            self._index[k] = shard
