@@ -103,8 +103,8 @@ class LAQ(Drafted):
         snap = get_method("snapkv", window=self.window, keep_window=self.keep_window, sinks=self.sinks,
                           pooling=self.pooling, kernel=self.kernel, gqa=self.gqa)
         if self.draft_budget < snap.floor():
-            raise LookaheadKVError(f"laq: draft_budget {self.draft_budget} is below the window {self.window} that "
-                                   "SnapKV keeps; raise draft_budget or lower the window")
+            raise LookaheadKVError(f"laq: draft_budget {self.draft_budget} is below the {snap.floor()} entries "
+                                   "SnapKV always keeps (window + sinks); raise draft_budget or lower the window")
         with timed("draft_compress"):
             copy = pf.clone()
             key_valid = evict(model, copy, snap, self.draft_budget).key_valid

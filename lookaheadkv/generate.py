@@ -88,10 +88,11 @@ def _evict(model, pf: Prefill, method: Method, budget: int | float, parts: dict[
     n_layers = model.config.num_hidden_layers
     full = kvcache.kv_bytes(pf.cache)
     b = resolve_budget(budget, pf.length) if method.evicts else pf.length
-    if method.evicts and b < method.floor():
+    if method.evicts and b < min(method.floor(), pf.length):
+        window = method.window if method.keep_window else 0
         raise LookaheadKVError(
-            f"budget {b} is below what {method.name} always keeps ({method.floor()}: window {method.window}, "
-            f"sinks {method.sinks}); raise the budget or lower --window"
+            f"budget {b} is below what {method.name} always keeps ({method.floor()}: window {window} + sinks "
+            f"{method.sinks}); raise the budget or lower --window or --sinks"
         )
     kept: list[torch.Tensor | None] = [None] * n_layers
     if method.evicts and b <= pf.length:

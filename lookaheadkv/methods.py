@@ -63,8 +63,9 @@ class Method:
         return out & pf.valid if bool(out.any()) else None
 
     def floor(self) -> int:
-        """Fewest entries a layer may keep."""
-        return max(self.window if self.keep_window else 0, self.sinks, 1)
+        """Fewest entries a layer may keep: every forced entry. Below it select() would have to drop some of
+        them, and its stable sort drops the newest (the question and the chat turn)."""
+        return max((self.window if self.keep_window else 0) + self.sinks, 1)
 
 
 METHODS: dict[str, type[Method]] = {}

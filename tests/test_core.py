@@ -168,6 +168,20 @@ def test_bad_method_options_are_clear_errors(tiny):
         generate_ids(tiny, ids, None, "snapkv", budget=0)
 
 
+def test_budget_below_window_plus_sinks_is_refused_and_at_it_every_forced_entry_is_kept(tiny):
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(11))
+    with pytest.raises(LookaheadKVError, match=r"below what snapkv always keeps \(20: window 16 \+ sinks 4\)"):
+        generate_ids(tiny, ids, None, "snapkv", budget=16, sinks=4, window=16)
+    _, ev, _ = generate_ids(tiny, ids, None, "snapkv", budget=20, sampling=Sampling(1), eos_ids=set(), sinks=4,
+                            window=16)
+    forced = list(range(4)) + list(range(44, 60))  # the first 4 and the last 16 (the question) positions
+    assert all(k[0, h].tolist() == forced for k in ev.kept for h in range(2))
+    short = ids[:, :15]  # a budget that covers the prompt evicts nothing, however much is forced
+    _, ev, _ = generate_ids(tiny, short, None, "snapkv", budget=15, sampling=Sampling(1), eos_ids=set(), sinks=4,
+                            window=16)
+    assert ev.kept_per_layer == [15, 15, 15]
+
+
 def test_budget_ratio(tiny):
     ids = torch.randint(3, 128, (1, 100))
     _, ev, _ = generate_ids(tiny, ids, None, "snapkv", budget=0.5, sampling=Sampling(2), eos_ids=set())
