@@ -114,20 +114,25 @@ def test_decoding_after_eviction_uses_original_positions():
     assert not torch.allclose(renum, true_pos)
 
 
-@pytest.mark.parametrize("name,budget", [("snapkv", 30), ("pyramidkv", 30), ("h2o", 45), ("knorm", 45)])
-def test_left_padded_batch_equals_single_runs_and_keeps_no_pad(tiny, name, budget):
+@pytest.mark.parametrize("name,budget,options", [
+    ("snapkv", 30, {}), ("snapkv", 30, {"pooling": "avg"}), ("snapkv", 30, {"pooling": "avg", "kernel": 6}),
+    ("pyramidkv", 20, {}), ("h2o", 45, {}), ("h2o", 45, {"pooling": "avg", "kernel": 5}), ("knorm", 45, {})])
+def test_left_padded_batch_equals_single_runs_and_keeps_no_pad(tiny, name, budget, options):
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (60, 41, 52)]
     ids, mask = left_pad(prompts)
     length = ids.shape[1]
-    batch, ev, _ = generate_ids(tiny, ids, mask, name, budget, Sampling(8), eos_ids=set(), window=8)
+    batch, ev, _ = generate_ids(tiny, ids, mask, name, budget, Sampling(8), eos_ids=set(), window=8, **options)
     for i, p in enumerate(prompts):
-        single, _, _ = generate_ids(tiny, p[None], None, name, budget, Sampling(8), eos_ids=set(), window=8)
+        single, ev1, _ = generate_ids(tiny, p[None], None, name, budget, Sampling(8), eos_ids=set(), window=8,
+                                      **options)
         assert batch[i] == single[0]
         pad = length - len(p)
-        for idx in ev.kept:
+        for idx, alone in zip(ev.kept, ev1.kept):
             real_kept = (idx[i] >= pad).sum(dim=-1)
             assert torch.all(real_kept == min(len(p), idx.shape[-1]))  # pads only where a prompt is short
+            if alone is not None:  # the very positions the prompt keeps alone
+                assert torch.equal(idx[i] - pad, alone[0])
 
 
 def test_pyramid_budgets_average_to_the_budget_and_respect_bounds():
