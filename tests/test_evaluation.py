@@ -246,15 +246,35 @@ def test_bad_input_is_one_line_error():
     assert get_method("snapkv").evicts
 
 
-def test_batched_recall_matches_core_definition():
-    from lookaheadkv.importance import importance_recall
+def direct_recall(truth, kept, budget, n_kv, valid):
+    """Per sequence, with Python sets: the true top-`budget` of its real positions per layer and KV head (query
+    heads averaged), and the share of them that `kept` holds (None: all)."""
+    out = []
+    for i in range(valid.shape[0]):
+        real = [j for j in range(valid.shape[1]) if valid[i, j]]
+        shares = []
+        for t, k in zip(truth, kept):
+            per_kv = t[i].view(n_kv, -1, t.shape[-1]).mean(dim=1)
+            for h in range(n_kv):
+                top = sorted(real, key=lambda j: -float(per_kv[h, j]))[:budget]
+                held = set(real) if k is None else set(k[i, h].tolist())
+                shares.append(len(set(top) & held) / len(top))
+        out.append(sum(shares) / len(shares))
+    return out
+
+
+def test_importance_recall_equals_a_direct_computation_and_a_short_padded_sequence_kept_whole_scores_1():
+    from lookaheadkv.importance import importance_recall, recall_per_sequence
 
     g = torch.Generator().manual_seed(0)
     truth = [torch.rand(3, 4, 40, generator=g) for _ in range(2)]
     valid = torch.ones(3, 40, dtype=torch.bool)
-    valid[0, :5] = False  # a left-padded sequence
+    valid[0, :5] = False  # left-padded
+    valid[2, :30] = False  # 10 real positions, fewer than the budget of 12
     kept = [torch.rand(3, 2, 40, generator=g).topk(12, dim=-1).indices.sort(dim=-1).values, None]
-    got = runner.recall_per_sample(truth, kept, 12, 2, valid, {})
-    for i in range(3):
-        want = importance_recall([t[i:i + 1] for t in truth], [kept[0][i:i + 1], None], 12, 2, valid[i:i + 1])
-        assert got[i] == pytest.approx(want, abs=1e-12)
+    kept[0][2] = torch.arange(28, 40)  # what select keeps for the short one: all of it, and 2 pads
+    want = direct_recall(truth, kept, 12, 2, valid)
+    assert want[2] == 1.0 and 0 < want[0] < 1
+    got = recall_per_sequence(truth, kept, 12, 2, valid, {}).tolist()
+    assert got == pytest.approx(want, abs=1e-6)  # float32 means
+    assert importance_recall(truth, kept, 12, 2, valid) == pytest.approx(sum(want) / 3, abs=1e-6)

@@ -39,10 +39,9 @@ from ..cache import crop
 from ..decode import Sampling, decode
 from ..errors import LookaheadKVError
 from ..generate import evict
-from ..importance import true_importance
+from ..importance import recall_per_sequence, true_importance
 from ..methods import Method
 from ..prefill import Prefill, forward, prefill
-from ..scoring import reduce_gqa
 from . import metrics
 from .tasks import Sample, make_sample, resolve_tasks
 
@@ -226,27 +225,6 @@ def slice_prefill(pf: Prefill, i: int) -> Prefill:
     return Prefill(cache, pf.input_ids[i:i + 1], pf.valid[i:i + 1], pf.next_logits[i:i + 1], {})
 
 
-def recall_per_sample(truth: list[torch.Tensor], kept: list[torch.Tensor | None], budget: int, n_kv_heads: int,
-                      valid: torch.Tensor, top_cache: dict | None = None) -> list[float]:
-    """importance.importance_recall for each sequence of a batch at once (one device sync, not one per layer
-    and sample): the share of the true top-`budget` positions per layer and KV head that `kept` holds,
-    averaged over layers and KV heads. truth: per layer [B, Hq, L]; valid [B, L]."""
-    shares = []
-    for li, (t, k) in enumerate(zip(truth, kept)):
-        top = None if top_cache is None else top_cache.get((budget, li))
-        if top is None:
-            t = reduce_gqa(t.float(), n_kv_heads, "mean").masked_fill(~valid[:, None, :], float("-inf"))
-            top = t.topk(min(budget, t.shape[-1]), dim=-1).indices
-            if top_cache is not None:
-                top_cache[(budget, li)] = top
-        if k is None:
-            shares.append(torch.ones(top.shape[:2], device=top.device))
-            continue
-        hit = torch.zeros(*top.shape[:2], valid.shape[-1], dtype=torch.bool, device=top.device).scatter_(-1, k, True)
-        shares.append(hit.gather(-1, top).float().mean(dim=-1))
-    return torch.stack(shares).mean(dim=(0, 2)).tolist()
-
-
 def answer_importance(model, pf: Prefill, after: list[int], n_answer: int) -> list[torch.Tensor]:
     """Per layer [1, Hq, L]: mean attention onto the prompt of the last n_answer of the rows `after` run
     after it (query-agnostic: the question, then the answer)."""
@@ -374,7 +352,7 @@ class Evaluator:
                      for li in range(len(have))]
             tops: dict = {}
             for c in copies:
-                r = recall_per_sample(truth, c.kept, c.effective, self.n_kv, pf.valid, tops)
+                r = recall_per_sequence(truth, c.kept, c.effective, self.n_kv, pf.valid, tops).tolist()
                 recalls.append([None if t is None else v for t, v in zip(truths, r)])
         else:
             recalls = [[None] * len(samples) for _ in copies]
