@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from tqdm import tqdm
 
 from lookaheadkv import attention, scoring
 from lookaheadkv.bench import BenchConfig, run_bench
@@ -72,6 +73,13 @@ def test_reported_kv_bytes_are_the_cache_tensors_sizes():
         assert run["kv_bytes_kept"] == run["storage_bytes"]  # compaction leaves no larger storage behind
     pf = bench._caches(48)["snapkv:window=8@16"][0]
     assert tensor_bytes(pf.cache) == storage_bytes(pf.cache) == 2 * 3 * 2 * 16 * 16 * 4
+
+
+def test_the_rows_only_twin_is_charged_no_adapter_time():
+    bench = Bench(BenchConfig(**{**TINY, "contexts": [40], "methods": ["full", "lookahead"], "decode_batches": []}))
+    rows = {r["method"]: r for r in bench.ttft(tqdm(disable=True))}
+    assert rows["lookahead"]["stages_s"]["adapter"] > 0
+    assert rows["lookahead/rows-only"]["stages_s"]["adapter"] == 0.0  # it never runs the adapter's hooks
 
 
 def test_cli_bench_and_its_errors(tmp_path):

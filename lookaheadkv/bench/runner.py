@@ -33,6 +33,7 @@ from ..prefill import ExtraRows, Prefill, forward, prefill
 from . import shapes
 from .timing import Clock, median, peak_bytes, reset_peak, sync, time_calls
 
+ROWS_ONLY = "/rows-only"  # label suffix of a single-pass method's twin that runs its extra rows without adapter
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -89,7 +90,7 @@ class Bench:
             self.methods = {"full": get_method("full"), **self.methods}
         for spec, m in list(self.methods.items()):
             if cfg.split_extra_rows and m.evicts and m.prefill_extra(self.model) is not None:
-                self.methods[f"{spec}/rows-only"] = _rows_only(self.model, m)
+                self.methods[spec + ROWS_ONLY] = _rows_only(self.model, m)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.seconds = {"build": clock.lap()}  # wall time of each phase, to plan runs on a rationed device
 
@@ -264,7 +265,8 @@ class Bench:
                 prefill_delta = median([a["stages"]["prefill"] - f["stages"]["prefill"] for a, f in zip(rs, full)])
                 after = sum(v for k, v in stages.items() if k != "prefill")
                 ttft_full = median([f["ttft"] for f in full])
-                adapter = self._adapter_direct(m, length) if extra else 0.0
+                # The rows-only twin runs its rows without the adapter: nothing of the adapter to charge it.
+                adapter = self._adapter_direct(m, length) if extra and not label.endswith(ROWS_ONLY) else 0.0
                 # Extra rows in the prefill: recording + adapter (timed directly) + the rows' share of the
                 # prefill's work (n / L of it, an estimate: the rows add n to every matrix product's L).
                 rows_share = m.prefill_extra(self.model).embeds.shape[1] / length * median(
