@@ -9,6 +9,7 @@ from conftest import tiny_model
 
 from lookaheadkv import data
 from lookaheadkv.decode import Sampling
+from lookaheadkv.errors import LookaheadKVError
 from lookaheadkv.evaluation import metrics, runner
 from lookaheadkv.evaluation.report import write_report
 from lookaheadkv.evaluation.ruler import REPEAT
@@ -36,6 +37,32 @@ def test_token_f1_and_exact_match():
     assert metrics.token_f1("", "") == 1.0 and metrics.token_f1("x", "") == 0.0
     assert metrics.exact_match("The Cat!", ["dog", "cat"]) == 1.0
     assert metrics.exact_match("a black cat", ["cat"]) == 0.0
+
+
+def test_qa_normalisation_deletes_punctuation_as_squad_and_longbench_do():
+    assert metrics.normalize_answer("It cost $1,000, didn't it?") == ["it", "cost", "1000", "didnt", "it"]
+    assert metrics.token_f1("1,000", "1000") == 1.0 and metrics.exact_match("U.S.", ["US"]) == 1.0
+    # [us, forces, left] vs [us, army]: P = 1/3, R = 1/2, F1 = 0.4
+    assert metrics.token_f1("U.S. forces left.", "the US army") == pytest.approx(0.4)
+
+
+def test_rescore_recomputes_every_metric_from_the_stored_answers():
+    base = dict(model="m", length=4096, mode="aware", budget=None)
+    rows = [dict(base, task="qa_single_doc", sample="q", method="full", answer="1,000 people", answers=["1000 people"],
+                 score=0.5, em=0.0, fidelity=1.0),
+            dict(base, task="qa_single_doc", sample="q", method="snapkv", budget=64, answer="about 1,000",
+                 score=0.4, em=0.0, fidelity=0.5),
+            dict(base, task="niah_single_1", sample="n", method="full", answer="It is 1,234.", answers=["1,234"],
+                 score=1.0, fidelity=1.0),
+            dict(base, task="niah_single_1", sample="n", method="tova", budget=64, answer="1,234", score=1.0,
+                 fidelity=0.5)]
+    new = runner.rescore(rows)
+    assert [r["score"] for r in new] == [1.0, 0.5, 1.0, 1.0]  # [about, 1000] vs [1000, people]: P = R = 1/2
+    assert [r.get("em") for r in new] == [1.0, 0.0, None, None]
+    assert [r["fidelity"] for r in new] == [1.0, 0.5, 1.0, 0.5]  # [1234] vs [it, is, 1234]: P = 1, R = 1/3
+    assert [list(r) for r in new] == [list(r) for r in rows]  # same fields in the same order: a minimal diff
+    with pytest.raises(LookaheadKVError, match="no full-cache row"):
+        runner.rescore(rows[1:2])
 
 
 def test_rouge_l():

@@ -114,16 +114,36 @@ def encode_sample(tokenizer, s: Sample) -> tuple[list[int], list[int]]:
     return _encode(tokenizer, head), _encode(tokenizer, tail)
 
 
-def score_answer(s: Sample, answer: str, full_answer: str) -> dict[str, float]:
-    if s.metric == "all":
-        return {"score": metrics.string_match_all(answer, s.answers)}
-    if s.metric == "part":
-        return {"score": metrics.string_match_part(answer, s.answers)}
-    if s.metric == "f1":
-        return {"score": metrics.token_f1(answer, s.answers), "em": metrics.exact_match(answer, s.answers)}
-    if s.metric == "rouge":
-        return {"score": metrics.rouge_l(answer, full_answer)}
-    raise ValueError(s.metric)
+def score_answer(metric: str, references: Sequence[str], answer: str, full_answer: str) -> dict[str, float]:
+    """The task's score of `answer` (and exact match for QA), and its fidelity to the full cache's answer."""
+    out = {"fidelity": metrics.token_f1(answer, full_answer)}
+    if metric == "all":
+        return {"score": metrics.string_match_all(answer, references), **out}
+    if metric == "part":
+        return {"score": metrics.string_match_part(answer, references), **out}
+    if metric == "f1":
+        return {"score": metrics.token_f1(answer, references), "em": metrics.exact_match(answer, references), **out}
+    if metric == "rouge":
+        return {"score": metrics.rouge_l(answer, full_answer), **out}
+    raise ValueError(metric)
+
+
+def rescore(rows: Sequence[dict]) -> list[dict]:
+    """The rows with score, em and fidelity computed again from their stored answers by today's metrics (after
+    a metric is corrected; nothing is re-run). The references and the full cache's answer come from each
+    sample's full-cache row."""
+    from .tasks import TASKS, task_groups
+
+    task_groups()  # registers every task
+    sample = ("model", "task", "length", "sample", "mode")
+    full = {tuple(r[k] for k in sample): r for r in rows if r["method"] == "full"}
+    out = []
+    for r in rows:
+        f = full.get(tuple(r[k] for k in sample))
+        if f is None:
+            raise LookaheadKVError(f"row of {r['method']} on {r['sample']} has no full-cache row to score against")
+        out.append({**r, **score_answer(TASKS[r["task"]].metric, f["answers"], r["answer"], f["answer"])})
+    return out
 
 
 # --------------------------------------------------------------------------------------------- batch of copies
@@ -368,8 +388,7 @@ class Evaluator:
                        "budget": c.budget, "prompt_tokens": prompt_tokens,
                        "context_tokens": len(enc[i][0]) if self.query_agnostic else prompt_tokens,
                        "kept_per_layer": sum(c.lengths()) / self.n_layers if c.budget is not None else None,
-                       "answer": text, **score_answer(s, text, full),
-                       "fidelity": metrics.token_f1(text, full), "recall": recall,
+                       "answer": text, **score_answer(s.metric, s.answers, text, full), "recall": recall,
                        "eviction_s": round(c.seconds, 5)}
                 if c.method == "full":
                     row["answers"] = s.answers
