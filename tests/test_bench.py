@@ -82,6 +82,13 @@ def test_the_rows_only_twin_is_charged_no_adapter_time():
     assert rows["lookahead/rows-only"]["stages_s"]["adapter"] == 0.0  # it never runs the adapter's hooks
 
 
+def test_speckv_times_with_a_random_draft_model_over_the_targets_ids():
+    bench = Bench(BenchConfig(**{**TINY, "contexts": [40], "methods": ["full", "speckv:k=2:window=8"],
+                                 "draft_model": "tiny", "decode_batches": []}))
+    rows = {r["method"]: r for r in bench.ttft(tqdm(disable=True))}
+    assert rows["speckv:k=2:window=8"]["stages_s"]["draft_rows"] > 0
+
+
 def test_cli_bench_and_its_errors(tmp_path):
     ok = CliRunner().invoke(main, ["bench", "--model", "tiny", "--contexts", "32", "--methods", "full,snapkv:window=4",
                                    "--budget", "8", "--decode-batches", "", "--repeats", "1", "--warmup", "0",

@@ -29,6 +29,7 @@ from ..cache import kv_bytes
 from ..errors import LookaheadKVError
 from ..generate import evict
 from ..methods import Method, get_method, parse_spec
+from ..models import tokenizer_identity
 from ..prefill import ExtraRows, Prefill, forward, prefill
 from . import shapes
 from .timing import Clock, median, peak_bytes, reset_peak, sync, time_calls
@@ -102,6 +103,8 @@ class Bench:
             draft = options.get("draft_model", self.cfg.draft_model)
             dm, note = shapes.build(draft, self.cfg.device, self.dtype, self.cfg.random_weights,
                                     vocab_size=self.model.config.vocab_size)
+            if note == shapes.RANDOM_NOTE:  # random weights over the target's vocabulary: it reads the target's ids
+                dm.tokenizer_sha256 = tokenizer_identity(self.model)
             self.notes.append(f"speckv draft model {draft}: {note}")
             options["draft_model"] = dm
         if name == "lookahead" and "module" not in options:
