@@ -48,11 +48,17 @@ def method_options(f):
 
 
 def parse_budget(text: str) -> int | float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise LookaheadKVError(f"--budget must be a number, got {text!r}") from None
-    return value if 0 < value < 1 else int(value) if value == int(value) else value
+    """"128" -> 128 tokens, "0.1" -> a ratio; generate.check_budget refuses everything else ("1.0", "nan")."""
+    from .generate import check_budget
+
+    value: int | float | str = text
+    for cast in (int, float):
+        try:
+            value = cast(text)
+            break
+        except ValueError:
+            pass
+    return check_budget(value)
 
 
 def method_kwargs(window, keep_window, sinks, pooling, kernel, gqa) -> dict:
@@ -76,15 +82,19 @@ def generate(model, method, budget, window, keep_window, sinks, pooling, kernel,
              max_new_tokens, temperature, top_p, seed, device, draft_model, as_json, module):
     """Answer QUESTION about the text in --context-file with an evicted cache."""
     from .generate import generate as run
+    from .methods import get_method
     from .models import load_model
 
     if not context_file.exists():
         raise LookaheadKVError(f"context file {context_file} does not exist")
+    options = dict(draft_model=draft_model, module=module, **method_kwargs(window, keep_window, sinks, pooling,
+                                                                           kernel, gqa))
+    get_method(method, **options)  # bad options are refused before the model loads
+    b = parse_budget(budget)
     context = context_file.read_text(encoding="utf-8", errors="replace")
     m, tok = load_model(model, device=device)
-    ans = run(m, tok, context, question, method=method, budget=parse_budget(budget), max_new_tokens=max_new_tokens,
-              temperature=temperature, top_p=top_p, seed=seed, draft_model=draft_model, module=module,
-              **method_kwargs(window, keep_window, sinks, pooling, kernel, gqa))
+    ans = run(m, tok, context, question, method=method, budget=b, max_new_tokens=max_new_tokens,
+              temperature=temperature, top_p=top_p, seed=seed, **options)
     if as_json:
         click.echo(json.dumps(ans.to_dict()))
         return

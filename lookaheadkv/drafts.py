@@ -99,6 +99,12 @@ class LAQ(Drafted):
     k: int = 8
     draft_budget: int = 256  # entries per layer and KV head of the compressed copy the draft is written on
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1:
+            raise LookaheadKVError(f"laq writes its draft on a SnapKV copy, which scores with the last `window` "
+                                   f"prompt tokens: window must be >= 1, got {self.window}")
+
     def draft(self, model, pf: Prefill) -> torch.Tensor:
         snap = get_method("snapkv", window=self.window, keep_window=self.keep_window, sinks=self.sinks,
                           pooling=self.pooling, kernel=self.kernel, gqa=self.gqa)

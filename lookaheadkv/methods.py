@@ -107,6 +107,11 @@ class SnapKV(Method):
     def prefill_rows(self):
         return self.window
 
+    def __post_init__(self) -> None:
+        if self.window < 1:  # its window's rows are its only query rows
+            raise LookaheadKVError(f"{self.name} scores with the last `window` prompt tokens: window must be >= 1, "
+                                   f"got {self.window}")
+
 
 @register
 @dataclass

@@ -11,7 +11,7 @@ from conftest import left_pad, tiny_model
 from lookaheadkv import METHODS, LookaheadKVError, generate_ids, get_method
 from lookaheadkv.cache import kv_bytes
 from lookaheadkv.decode import Sampling
-from lookaheadkv.generate import evict
+from lookaheadkv.generate import evict, resolve_budget
 from lookaheadkv.prefill import prefill
 from lookaheadkv.scoring import layer_budgets
 
@@ -187,10 +187,26 @@ def test_budget_below_window_plus_sinks_is_refused_and_at_it_every_forced_entry_
     assert ev.kept_per_layer == [15, 15, 15]
 
 
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "laq"])
+def test_a_window_of_0_is_refused_where_the_window_is_the_glimpse(tiny, name):
+    ids = torch.randint(3, 128, (1, 60))
+    with pytest.raises(LookaheadKVError, match="window must be >= 1, got 0"):
+        generate_ids(tiny, ids, None, name, budget=30, sampling=Sampling(1), eos_ids=set(), window=0)
+    _, ev, _ = generate_ids(tiny, ids, None, "h2o", budget=30, sampling=Sampling(1), eos_ids=set(), window=0)
+    assert ev.kept_per_layer == [30, 30, 30]  # where the window is only what is kept, 0 is fine
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), 1.0, 128.0, 0, -3, 1.5, True, "64"])
+def test_a_budget_is_whole_tokens_or_a_ratio_below_1_and_nothing_else(budget):
+    with pytest.raises(LookaheadKVError, match="budget must be a positive whole number of tokens"):
+        resolve_budget(budget, 100)
+
+
 def test_budget_ratio(tiny):
     ids = torch.randint(3, 128, (1, 100))
     _, ev, _ = generate_ids(tiny, ids, None, "snapkv", budget=0.5, sampling=Sampling(2), eos_ids=set())
     assert ev.kept_per_layer == [50, 50, 50]
+    assert (resolve_budget(0.999, 100), resolve_budget(7, 100), resolve_budget(0.001, 100)) == (99, 7, 1)
 
 
 def test_no_prompt_by_prompt_attention_is_materialised(tiny, monkeypatch):
