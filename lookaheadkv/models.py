@@ -131,11 +131,31 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
+def check_device(device: str) -> torch.device:
+    """The device, if this machine has it (torch would fail deep inside a .to() with an AssertionError)."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise LookaheadKVError(f"unknown device {device!r}; use cpu or cuda (cuda:N)") from None
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (d.index or 0) >= count:
+            raise LookaheadKVError(f"device {device} asked for, but this machine has {count} CUDA device(s); "
+                                   "use --device cpu")
+    elif d.type != "cpu":
+        try:
+            torch.empty(1, device=d)
+        except Exception as e:  # torch raises AssertionError, NotImplementedError or RuntimeError here
+            raise LookaheadKVError(f"device {device} is not available ({str(e).splitlines()[0]})") from None
+    return d
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load (model, tokenizer) ready for eviction: our attention function, eval mode, on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    check_device(device)
     path = resolve(name_or_path)
     hf_logging.disable_progress_bar()  # a sub-second load needs no bar
     try:

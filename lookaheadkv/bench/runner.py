@@ -29,7 +29,7 @@ from ..cache import kv_bytes
 from ..errors import LookaheadKVError
 from ..generate import evict
 from ..methods import Method, get_method, parse_spec
-from ..models import tokenizer_identity
+from ..models import check_device, tokenizer_identity
 from ..prefill import ExtraRows, Prefill, forward, prefill
 from . import shapes
 from .timing import Clock, median, peak_bytes, reset_peak, sync, time_calls
@@ -79,9 +79,7 @@ class Bench:
         self.cfg = cfg
         if cfg.dtype not in DTYPES:
             raise LookaheadKVError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise LookaheadKVError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-        self.device = torch.device(cfg.device)
+        self.device = check_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         clock = Clock("cpu")
         self.model, self.note = shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights)
