@@ -190,6 +190,7 @@ def eval_cmd(model, tasks, methods, budgets, n, length, seed, batch, query_agnos
         runner.save_samples(list({s.id: s for s in [*known.values(), *made]}.values()), samples_file)
         click.echo(f"{len(made)} samples of {len(names)} tasks in {samples_file}", err=True)
         return
+    runner.check_out(out)
     chosen = parse_methods(methods)
     known = None
     if samples_file:

@@ -263,9 +263,10 @@ def test_report(tmp_path):
     assert (tmp_path / "rep" / "scores_by_family.png").stat().st_size > 1000
 
 
-def test_bad_input_is_one_line_error():
-    from lookaheadkv.errors import LookaheadKVError
-
+def test_bad_input_is_one_line_error(model, tmp_path):
+    with pytest.raises(LookaheadKVError, match="appended to a plain JSONL file"):
+        runner.run_eval(model, TOK, methods=methods(), budgets=[32], out=tmp_path / "r.jsonl.gz", **RUN)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(LookaheadKVError, match="unknown task"):
         resolve_tasks("niah_single_9")
     with pytest.raises(LookaheadKVError, match="unknown method"):

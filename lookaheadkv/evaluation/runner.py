@@ -51,20 +51,34 @@ def row_key(row: dict) -> tuple:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a results file (gzip when the name ends in .gz); a line cut off by an interrupted run is skipped."""
+    """Rows of a results file (gzip when the name ends in .gz); a line cut off by an interrupted run, or any
+    line that is not a JSON object, is skipped."""
     import gzip
 
     p = Path(path)
     if not p.exists():
         return []
-    data = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    try:
+        data = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    except (OSError, EOFError) as e:
+        raise LookaheadKVError(f"{p} is not a readable gzip file ({e})") from None
     rows = []
-    for line in data.decode("utf-8").splitlines():
+    for line in data.decode("utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def check_out(path: str | Path | None) -> None:
+    """Rows are appended to --out as they finish, as plain JSONL; appending plain lines to a gzip file would
+    leave it unreadable."""
+    if path is not None and Path(path).suffix == ".gz":
+        raise LookaheadKVError(f"--out {path}: rows are appended to a plain JSONL file as they finish; give a name "
+                               "ending in .jsonl (gzip it when the run is done: report reads .jsonl.gz)")
 
 
 class Sink:
@@ -72,6 +86,7 @@ class Sink:
 
     def __init__(self, path: str | Path | None):
         self.f = None
+        check_out(path)
         if path is not None:
             p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -444,6 +459,7 @@ def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Me
     checked between batches) leaves every task with about the same number of samples. `workers` > 0
     generates the samples in that many processes, ahead of the model; `samples` gives pre-made ones by id."""
     names = resolve_tasks(tasks)
+    check_out(out)
     if n < 1 or batch < 1:
         raise LookaheadKVError("--n and --batch must be at least 1")
     if not budgets or any(b < 1 for b in budgets):
