@@ -220,6 +220,8 @@ def report(results, out):
     click.echo(path.read_text(encoding="utf-8"))
 
 
+from .recall import recall_command  # noqa: E402  (lookaheadkv recall)
 from .train import train_command  # noqa: E402  (lookaheadkv train)
 
+main.add_command(recall_command)
 main.add_command(train_command)
