@@ -1,11 +1,17 @@
 """Evaluation harness: task generators, metrics, the runner (resume, exactness) and the report."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import save_tiny, tiny_model
 
 from lookaheadkv import data
 from lookaheadkv.decode import Sampling
@@ -306,3 +312,80 @@ def test_importance_recall_equals_a_direct_computation_and_a_short_padded_sequen
     got = recall_per_sequence(truth, kept, 12, 2, valid, {}).tolist()
     assert got == pytest.approx(want, abs=1e-6)  # float32 means
     assert importance_recall(truth, kept, 12, 2, valid) == pytest.approx(sum(want) / 3, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def stop_case(tmp_path_factory):
+    """An eval command on a tiny model (2 samples x 5 rows) and the rows of its uninterrupted run."""
+    from click.testing import CliRunner
+
+    from lookaheadkv.cli import main
+
+    root = tmp_path_factory.mktemp("stop")
+    args = ["eval", "--model", save_tiny(root / "m", 0), "--tasks", "niah_single_1", "--n", "2", "--batch", "1",
+            "--length", "300", "--methods", "snapkv:window=8,h2o:window=8", "--budgets", "32,64"]
+    assert CliRunner().invoke(main, args + ["--out", str(root / "ref.jsonl")]).exit_code == 0
+    return args, runner.read_rows(root / "ref.jsonl")
+
+
+def lines(path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def resumed_equals_uninterrupted(args, out, want):
+    from click.testing import CliRunner
+
+    from lookaheadkv.cli import main
+
+    stopped = len(runner.read_rows(out))
+    assert 6 <= stopped < len(want) == 10  # stopped during the second sample's rows
+    assert CliRunner().invoke(main, args + ["--out", str(out)]).exit_code == 0
+    got = runner.read_rows(out)
+    assert len(got) == len(want)  # nothing lost, nothing twice
+    by_key = {runner.row_key(r): r for r in got}
+    for r in want:
+        g = by_key[runner.row_key(r)]
+        assert (g["answer"], g["score"], g["fidelity"]) == (r["answer"], r["score"], r["fidelity"])
+        assert g["recall"] == pytest.approx(r["recall"], abs=1e-6)
+
+
+def test_eval_interrupted_by_sigint_and_started_again_gives_the_uninterrupted_rows(stop_case, tmp_path, monkeypatch):
+    import threading
+
+    from click.testing import CliRunner
+
+    from lookaheadkv.cli import main
+
+    args, want = stop_case
+    out = tmp_path / "r.jsonl"
+    write = runner.Sink.write
+    monkeypatch.setattr(runner.Sink, "write", lambda self, row: (write(self, row), time.sleep(0.1)))
+
+    def interrupt():  # a real SIGINT (Ctrl-C) to this process once the sixth row is on disk
+        while lines(out) < 6:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    result = CliRunner().invoke(main, args + ["--out", str(out)])
+    assert result.exit_code == 1 and "Aborted" in result.output  # click's answer to KeyboardInterrupt
+    monkeypatch.undo()
+    resumed_equals_uninterrupted(args, out, want)
+
+
+def test_eval_killed_by_sigkill_and_started_again_gives_the_uninterrupted_rows(stop_case, tmp_path):
+    args, want = stop_case
+    out = tmp_path / "r.jsonl"
+    slow = ("import time; from lookaheadkv.evaluation import runner; write = runner.Sink.write; "
+            "runner.Sink.write = lambda self, row: (write(self, row), time.sleep(0.1)); "
+            "from lookaheadkv.cli import main; main()")  # the real CLI, its rows written slowly enough to kill it
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args, "--out", str(out)], env={**os.environ,
+                            "PYTHONPATH": path}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while lines(out) < 6 and proc.poll() is None:
+        assert time.monotonic() < deadline, "the eval subprocess wrote too few rows in 120 s"
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait(60) == -signal.SIGKILL
+    resumed_equals_uninterrupted(args, out, want)
