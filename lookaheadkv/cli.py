@@ -14,7 +14,8 @@ from .models import DEFAULT_MODEL, MODELS
 
 
 class Group(click.Group):
-    """Turns LookaheadKVError into a one-line message instead of a traceback."""
+    """Turns LookaheadKVError (exit 1) and click's usage errors (exit 2) into one line instead of a traceback or
+    a usage block."""
 
     def invoke(self, ctx):
         try:
@@ -22,6 +23,9 @@ class Group(click.Group):
         except LookaheadKVError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()} (see --help)", err=True)
+            sys.exit(e.exit_code)
 
 
 @click.group(cls=Group)
