@@ -32,8 +32,8 @@ def pool(scores: torch.Tensor, pooling: str, kernel: int, valid: torch.Tensor | 
     else:  # the sum over the window's real positions / their count (each as a mean over the whole kernel)
         total = F.avg_pool1d(flat.masked_fill(~real, 0.0), kernel, stride=1, padding=kernel // 2)
         count = F.avg_pool1d(real.to(scores.dtype), kernel, stride=1, padding=kernel // 2)
-        out = torch.where(count > 0, total / count, 0.0)
-    return out[..., : shape[-1]].reshape(shape)
+        out = total / count.clamp_min(1 / kernel)
+    return out[..., : shape[-1]].masked_fill(~real, 0.0).reshape(shape)  # pads score 0 (never kept anyway)
 
 
 def reduce_gqa(scores: torch.Tensor, n_kv_heads: int, how: str) -> torch.Tensor:
