@@ -162,7 +162,7 @@ main.add_command(bench)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
 @click.option("--out", default="results.jsonl", show_default=True, type=click.Path(dir_okay=False),
-              help="JSONL rows are appended here; a rerun resumes")
+              help="rows are appended here as plain JSONL (not .gz); a rerun resumes")
 @click.option("--time-limit", type=float, default=None, help="stop starting new batches after this many seconds")
 @click.option("--workers", default=0, show_default=True, help="processes generating samples ahead (0: inline)")
 @click.option("--samples", "samples_file", default=None, type=click.Path(dir_okay=False),
