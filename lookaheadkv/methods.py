@@ -49,7 +49,8 @@ class Method:
     def scores(self, model, pf: Prefill) -> list[torch.Tensor]:
         """Per layer [B, Hkv, L]: higher is kept first."""
         kv_heads = model.config.num_key_value_heads
-        return scoring.score(self.glimpse(model, pf), kv_heads, self.pooling, self.kernel, self.gqa, pf.valid)
+        valid = pf.valid if pf.padded else None  # pads to leave out of the pooling windows
+        return scoring.score(self.glimpse(model, pf), kv_heads, self.pooling, self.kernel, self.gqa, valid)
 
     def forced(self, pf: Prefill) -> torch.Tensor | None:
         """[B, L] positions always kept: the last `window` and the first `sinks` real tokens."""

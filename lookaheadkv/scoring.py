@@ -25,15 +25,18 @@ def pool(scores: torch.Tensor, pooling: str, kernel: int, valid: torch.Tensor | 
     if pooling not in ("max", "avg"):
         raise LookaheadKVError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     shape = scores.shape
-    real = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.expand(shape)
-    flat, real = scores.reshape(-1, 1, shape[-1]), real.reshape(-1, 1, shape[-1])
+    flat = scores.reshape(-1, 1, shape[-1])
+    real = None if valid is None else valid.expand(shape).reshape(-1, 1, shape[-1])
     if pooling == "max":
-        out = F.max_pool1d(flat.masked_fill(~real, float("-inf")), kernel, stride=1, padding=kernel // 2)
+        out = F.max_pool1d(flat if real is None else flat.masked_fill(~real, float("-inf")), kernel, stride=1,
+                           padding=kernel // 2)
     else:  # the sum over the window's real positions / their count (each as a mean over the whole kernel)
-        total = F.avg_pool1d(flat.masked_fill(~real, 0.0), kernel, stride=1, padding=kernel // 2)
-        count = F.avg_pool1d(real.to(scores.dtype), kernel, stride=1, padding=kernel // 2)
-        out = total / count.clamp_min(1 / kernel)
-    return out[..., : shape[-1]].masked_fill(~real, 0.0).reshape(shape)  # pads score 0 (never kept anyway)
+        weight = torch.ones_like(flat) if real is None else real.to(scores.dtype)
+        total = F.avg_pool1d(flat if real is None else flat.masked_fill(~real, 0.0), kernel, stride=1,
+                             padding=kernel // 2)
+        out = total / F.avg_pool1d(weight, kernel, stride=1, padding=kernel // 2).clamp_min(1 / kernel)
+    out = out[..., : shape[-1]]
+    return (out if real is None else out.masked_fill(~real, 0.0)).reshape(shape)  # pads score 0 (never kept)
 
 
 def reduce_gqa(scores: torch.Tensor, n_kv_heads: int, how: str) -> torch.Tensor:
