@@ -14,7 +14,8 @@ from .models import DEFAULT_MODEL, MODELS
 
 
 class Group(click.Group):
-    """Turns LookaheadKVError into a one-line message instead of a traceback."""
+    """Turns LookaheadKVError (exit 1) and click's usage errors (exit 2) into one line instead of a traceback or
+    a usage block."""
 
     def invoke(self, ctx):
         try:
@@ -22,6 +23,9 @@ class Group(click.Group):
         except LookaheadKVError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()} (see --help)", err=True)
+            sys.exit(e.exit_code)
 
 
 @click.group(cls=Group)
@@ -48,11 +52,17 @@ def method_options(f):
 
 
 def parse_budget(text: str) -> int | float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise LookaheadKVError(f"--budget must be a number, got {text!r}") from None
-    return value if 0 < value < 1 else int(value) if value == int(value) else value
+    """"128" -> 128 tokens, "0.1" -> a ratio; generate.check_budget refuses everything else ("1.0", "nan")."""
+    from .generate import check_budget
+
+    value: int | float | str = text
+    for cast in (int, float):
+        try:
+            value = cast(text)
+            break
+        except ValueError:
+            pass
+    return check_budget(value)
 
 
 def method_kwargs(window, keep_window, sinks, pooling, kernel, gqa) -> dict:
@@ -76,15 +86,19 @@ def generate(model, method, budget, window, keep_window, sinks, pooling, kernel,
              max_new_tokens, temperature, top_p, seed, device, draft_model, as_json, module):
     """Answer QUESTION about the text in --context-file with an evicted cache."""
     from .generate import generate as run
+    from .methods import get_method
     from .models import load_model
 
     if not context_file.exists():
         raise LookaheadKVError(f"context file {context_file} does not exist")
+    options = dict(draft_model=draft_model, module=module, **method_kwargs(window, keep_window, sinks, pooling,
+                                                                           kernel, gqa))
+    get_method(method, **options)  # bad options are refused before the model loads
+    b = parse_budget(budget)
     context = context_file.read_text(encoding="utf-8", errors="replace")
     m, tok = load_model(model, device=device)
-    ans = run(m, tok, context, question, method=method, budget=parse_budget(budget), max_new_tokens=max_new_tokens,
-              temperature=temperature, top_p=top_p, seed=seed, draft_model=draft_model, module=module,
-              **method_kwargs(window, keep_window, sinks, pooling, kernel, gqa))
+    ans = run(m, tok, context, question, method=method, budget=b, max_new_tokens=max_new_tokens,
+              temperature=temperature, top_p=top_p, seed=seed, **options)
     if as_json:
         click.echo(json.dumps(ans.to_dict()))
         return
@@ -148,7 +162,7 @@ main.add_command(bench)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
 @click.option("--out", default="results.jsonl", show_default=True, type=click.Path(dir_okay=False),
-              help="JSONL rows are appended here; a rerun resumes")
+              help="rows are appended here as plain JSONL (not .gz); a rerun resumes")
 @click.option("--time-limit", type=float, default=None, help="stop starting new batches after this many seconds")
 @click.option("--workers", default=0, show_default=True, help="processes generating samples ahead (0: inline)")
 @click.option("--samples", "samples_file", default=None, type=click.Path(dir_okay=False),
@@ -180,6 +194,7 @@ def eval_cmd(model, tasks, methods, budgets, n, length, seed, batch, query_agnos
         runner.save_samples(list({s.id: s for s in [*known.values(), *made]}.values()), samples_file)
         click.echo(f"{len(made)} samples of {len(names)} tasks in {samples_file}", err=True)
         return
+    runner.check_out(out)
     chosen = parse_methods(methods)
     known = None
     if samples_file:
@@ -210,8 +225,10 @@ def report(results, out):
 
 
 from .bench.trainer import bench_train  # noqa: E402  (lookaheadkv bench-train)
+from .recall import recall_command  # noqa: E402  (lookaheadkv recall)
 from .train import prompts_command, targets_command, train_command  # noqa: E402
 
+main.add_command(recall_command)
 main.add_command(train_command)
 main.add_command(prompts_command)
 main.add_command(targets_command)

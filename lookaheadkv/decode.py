@@ -24,7 +24,7 @@ def next_token(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -
     probs = (logits.float() / s.temperature).softmax(dim=-1)
     if s.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= s.top_p  # keep the smallest set reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)

@@ -99,12 +99,18 @@ class LAQ(Drafted):
     k: int = 8
     draft_budget: int = 256  # entries per layer and KV head of the compressed copy the draft is written on
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1:
+            raise LookaheadKVError(f"laq writes its draft on a SnapKV copy, which scores with the last `window` "
+                                   f"prompt tokens: window must be >= 1, got {self.window}")
+
     def draft(self, model, pf: Prefill) -> torch.Tensor:
         snap = get_method("snapkv", window=self.window, keep_window=self.keep_window, sinks=self.sinks,
                           pooling=self.pooling, kernel=self.kernel, gqa=self.gqa)
         if self.draft_budget < snap.floor():
-            raise LookaheadKVError(f"laq: draft_budget {self.draft_budget} is below the window {self.window} that "
-                                   "SnapKV keeps; raise draft_budget or lower the window")
+            raise LookaheadKVError(f"laq: draft_budget {self.draft_budget} is below the {snap.floor()} entries "
+                                   "SnapKV always keeps (window + sinks); raise draft_budget or lower the window")
         with timed("draft_compress"):
             copy = pf.clone()
             key_valid = evict(model, copy, snap, self.draft_budget).key_valid
@@ -121,33 +127,26 @@ def _load_draft(name: str, device: str, dtype: torch.dtype):
     return load_model(name, device=device, dtype=dtype)[0]
 
 
-@functools.cache
-def _vocab_of(path: str) -> tuple | None:
-    """The tokenizer vocabulary saved with a local model directory, or None when there is none to read."""
-    if not path or not Path(path).is_dir():
-        return None
-    from transformers import AutoTokenizer
+def check_same_tokenizer(target, draft) -> None:
+    """SpecKV's draft tokens are fed to the target as they are: both models must share one tokenizer (the same
+    vocabulary and merges, models.tokenizer_identity); a vocabulary of the same size is not enough."""
+    from .models import tokenizer_identity
 
-    try:
-        vocab = AutoTokenizer.from_pretrained(path).get_vocab()
-    except (OSError, ValueError):
-        return None
-    return tuple(sorted(vocab.items()))
-
-
-def check_same_vocabulary(target, draft) -> None:
-    """SpecKV's draft tokens are fed to the target as they are: both models must share one tokenizer."""
     t_name = getattr(target, "name_or_path", "") or target.config._name_or_path or "the target"
     d_name = getattr(draft, "name_or_path", "") or draft.config._name_or_path or "the draft model"
     hint = "SpecKV needs a draft model with the target's tokenizer (e.g. qwen2.5-coder-0.5b-instruct drafting " \
            "for qwen2.5-coder-1.5b-instruct)"
-    tv, dv = _vocab_of(target.config._name_or_path), _vocab_of(draft.config._name_or_path)
-    if tv is not None and dv is not None:
-        if tv != dv:
+    t, d = tokenizer_identity(target), tokenizer_identity(draft)
+    if t is not None and d is not None:
+        if t != d:
             raise LookaheadKVError(f"draft model {d_name} has a different tokenizer from {t_name}; {hint}")
-    elif target.config.vocab_size != draft.config.vocab_size:
+        return
+    if target.config.vocab_size != draft.config.vocab_size:
         raise LookaheadKVError(f"draft model {d_name} has a vocabulary of {draft.config.vocab_size} tokens, "
                                f"{t_name} of {target.config.vocab_size}; {hint}")
+    raise LookaheadKVError(f"cannot tell whether draft model {d_name} shares the tokenizer of {t_name}: none is "
+                           f"known for {d_name if d is None else t_name} (load both with load_model, or from "
+                           "directories that hold their tokenizers)")
 
 
 @register
@@ -168,7 +167,7 @@ class SpecKV(Drafted):
         if isinstance(dm, (str, Path)):
             with timed("draft_load"):  # once per process; kept apart so it never passes for scoring time
                 dm = _load_draft(str(dm), str(p.device), p.dtype)
-        check_same_vocabulary(model, dm)
+        check_same_tokenizer(model, dm)
         return dm
 
     def draft(self, model, pf: Prefill) -> torch.Tensor:

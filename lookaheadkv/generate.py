@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,13 +43,21 @@ class Eviction:
         return sum(self.kept_per_layer) / len(self.kept_per_layer)
 
 
+def check_budget(budget: int | float) -> int | float:
+    """A budget is a whole number of tokens (an int >= 1) or a ratio of the prompt, a float in (0, 1). Anything
+    else is refused, 1.0 included: one token, or the whole prompt?"""
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool) and budget >= 1:
+        return int(budget)
+    if isinstance(budget, float) and 0 < budget < 1:  # nan fails both comparisons
+        return budget
+    raise LookaheadKVError(f"budget must be a positive whole number of tokens (e.g. 128) or a ratio of the prompt "
+                           f"in (0, 1) (e.g. 0.1), got {budget!r}")
+
+
 def resolve_budget(budget: int | float, length: int) -> int:
     """Budget in tokens, or as a ratio of the prompt when 0 < budget < 1."""
-    if isinstance(budget, float) and 0 < budget < 1:
-        return max(1, int(budget * length))
-    if budget != int(budget) or budget <= 0:
-        raise LookaheadKVError(f"budget must be a positive number of tokens or a ratio in (0, 1), got {budget}")
-    return int(budget)
+    b = check_budget(budget)
+    return max(1, int(b * length)) if isinstance(b, float) else b
 
 
 def _sync(device: torch.device) -> None:
@@ -88,10 +98,11 @@ def _evict(model, pf: Prefill, method: Method, budget: int | float, parts: dict[
     n_layers = model.config.num_hidden_layers
     full = kvcache.kv_bytes(pf.cache)
     b = resolve_budget(budget, pf.length) if method.evicts else pf.length
-    if method.evicts and b < method.floor():
+    if method.evicts and b < min(method.floor(), pf.length):
+        window = method.window if method.keep_window else 0
         raise LookaheadKVError(
-            f"budget {b} is below what {method.name} always keeps ({method.floor()}: window {method.window}, "
-            f"sinks {method.sinks}); raise the budget or lower --window"
+            f"budget {b} is below what {method.name} always keeps ({method.floor()}: window {window} + sinks "
+            f"{method.sinks}); raise the budget or lower --window or --sinks"
         )
     kept: list[torch.Tensor | None] = [None] * n_layers
     if method.evicts and b <= pf.length:
@@ -190,6 +201,10 @@ def generate(model, tokenizer, context: str | list[str], question: str | list[st
 
     Lists of contexts and questions run as one left-padded batch and return a list of answers.
     """
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise LookaheadKVError(f"temperature must be a finite number >= 0 (0 decodes greedily), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise LookaheadKVError(f"top_p must be in (0, 1], got {top_p}")
     single = isinstance(context, str)
     contexts = [context] if single else list(context)
     questions = [question] * len(contexts) if isinstance(question, str) else list(question)

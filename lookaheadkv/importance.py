@@ -18,40 +18,38 @@ def true_importance(model, pf: Prefill, response_ids: torch.Tensor) -> list[torc
     return attend_rows(model, pf, input_ids=response_ids.to(pf.input_ids.device)).mean()
 
 
+def recall_per_sequence(truth: list[torch.Tensor], kept: list[torch.Tensor | None], budget: int, n_kv_heads: int,
+                        valid: torch.Tensor | None = None, top_cache: dict | None = None) -> torch.Tensor:
+    """[B]: per sequence, the share of its true top-`budget` prompt positions (per layer and KV head, query heads
+    averaged onto their KV head) that `kept` holds, averaged over layers and KV heads. truth: per layer
+    [B, Hq, L]; kept: per layer [B, Hkv, k], None keeps all; valid [B, L]: real positions. A sequence with
+    fewer real positions than the budget is judged on all of them (pads are never part of its truth).
+    top_cache, shared by the calls for one truth, holds each budget's true top positions."""
+    shares = []
+    for li, (t, k) in enumerate(zip(truth, kept)):
+        length = t.shape[-1]
+        cached = None if top_cache is None else top_cache.get((budget, li))
+        if cached is None:
+            t = reduce_gqa(t.float(), n_kv_heads, "mean")
+            if valid is not None:
+                t = t.masked_fill(~valid[:, None, :], float("-inf"))
+            top = t.topk(min(budget, length), dim=-1).indices  # real positions first: they score above -inf
+            real = (torch.ones_like(top, dtype=torch.bool) if valid is None
+                    else valid[:, None, :].expand(-1, top.shape[1], -1).gather(-1, top))
+            cached = (top, real)
+            if top_cache is not None:
+                top_cache[(budget, li)] = cached
+        top, real = cached
+        if k is None:
+            shares.append(torch.ones(top.shape[:2], device=top.device))
+            continue
+        hit = torch.zeros(*top.shape[:2], length, dtype=torch.bool, device=top.device).scatter_(-1, k, True)
+        shares.append((hit.gather(-1, top) & real).sum(dim=-1) / real.sum(dim=-1))
+    return torch.stack(shares).mean(dim=(0, 2))
+
+
 def importance_recall(truth: list[torch.Tensor], kept: list[torch.Tensor | None], budget: int, n_kv_heads: int,
                       valid: torch.Tensor | None = None) -> float:
-    """Share of the true top-`budget` prompt positions (per layer and KV head, query heads averaged onto
-    their KV head) that `kept` holds, averaged over layers, KV heads and the batch. None keeps all."""
-    shares = []
-    for t, k in zip(truth, kept):
-        t = reduce_gqa(t.float(), n_kv_heads, "mean")
-        if valid is not None:
-            t = t.masked_fill(~valid[:, None, :], float("-inf"))
-        top = t.topk(min(budget, t.shape[-1]), dim=-1).indices
-        if k is None:
-            shares.append(torch.ones(top.shape[:2]))
-            continue
-        hit = torch.zeros_like(t, dtype=torch.bool).scatter_(-1, k, True)
-        shares.append(hit.gather(-1, top).float().mean(dim=-1).cpu())
-    return float(torch.stack(shares).mean())
+    """recall_per_sequence averaged over the batch."""
+    return float(recall_per_sequence(truth, kept, budget, n_kv_heads, valid).mean())
 
-
-def recall_per_sequence(truth: torch.Tensor, kept: list[torch.Tensor | None], budget: int, n_kv_heads: int,
-                        valid: torch.Tensor) -> torch.Tensor:
-    """Batched importance recall, one value per sequence: truth [B, layers, Hq, L] (zeros at pads), kept as
-    scoring.select returns it, valid [B, L]. A sequence shorter than the budget is scored on its real positions
-    only (pads never count as positions the answer needs)."""
-    b, layers, hq, length = truth.shape
-    t = truth.float().view(b, layers, n_kv_heads, hq // n_kv_heads, length).mean(dim=3)
-    t = t.masked_fill(~valid[:, None, None, :], float("-inf"))
-    top = t.topk(min(budget, length), dim=-1).indices  # [B, layers, Hkv, k]
-    real = valid[:, None, None, :].expand_as(t).gather(-1, top)
-    shares = []
-    for layer, k in enumerate(kept):
-        if k is None:
-            shares.append(torch.ones(b, device=truth.device))
-            continue
-        hit = torch.zeros((b, n_kv_heads, length), dtype=torch.bool, device=truth.device).scatter_(-1, k, True)
-        got = hit.gather(-1, top[:, layer]) & real[:, layer]
-        shares.append((got.sum(-1).float() / real[:, layer].sum(-1).clamp_min(1)).mean(dim=1))
-    return torch.stack(shares).mean(dim=0)

@@ -68,7 +68,7 @@ class LookaheadModule:
 _CONFIG_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "max_position_embeddings",
                   "tie_word_embeddings", "rms_norm_eps")
-_SAMPLE = 1 << 16  # elements hashed per tensor: enough to tell models apart, cheap on any device
+_SAMPLE = 4096  # elements hashed per tensor, evenly spread over it: every tensor counts, the whole stays cheap
 
 
 def _base_parameters(model) -> dict[str, torch.Tensor]:
@@ -77,22 +77,29 @@ def _base_parameters(model) -> dict[str, torch.Tensor]:
 
 
 def model_identity(model) -> dict:
-    """Name, sha256 of the architecture's config fields, and sha256 of a strided sample of a few tensors
-    rounded to bf16 (so the same weights loaded in fp32 or bf16, on CPU or GPU, hash alike)."""
+    """Name, sha256 of the architecture's config fields, and sha256 of every base tensor's name, shape and
+    `_SAMPLE` evenly spaced elements (so a fine-tune of any one tensor changes it). The elements are gathered on
+    the model's device, copied to the CPU once and rounded there to bf16 through fp32 (exact steps before the
+    one rounding), so the same weights loaded in fp32 or bf16, on CPU or GPU, hash alike."""
     cfg = model.config.to_dict()
     arch = {k: cfg.get(k) for k in _CONFIG_FIELDS}
     params = _base_parameters(model)
     names = sorted(params)
-    picked = sorted({names[0], names[len(names) // 2], names[-1]})
-    h = hashlib.sha256()
-    for name in picked:
+    samples = []
+    for name in names:
         t = params[name].detach().flatten()
-        t = t[:: max(1, t.numel() // _SAMPLE)][:_SAMPLE].to("cpu", torch.bfloat16)
-        h.update(name.encode())
-        h.update(t.view(torch.int16).numpy().tobytes())
+        k = min(_SAMPLE, t.numel())
+        samples.append(t[torch.arange(k, device=t.device) * t.numel() // k].float())
+    values = torch.cat(samples).cpu().to(torch.bfloat16).view(torch.int16).numpy()
+    h = hashlib.sha256()
+    start = 0
+    for name, s in zip(names, samples):
+        h.update(f"{name}{tuple(params[name].shape)}".encode())
+        h.update(values[start:start + len(s)].tobytes())
+        start += len(s)
     return {"name": str(getattr(model, "name_or_path", "")),
             "config_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest(),
-            "weights_sha256": h.hexdigest(), "hashed_tensors": picked}
+            "weights_sha256": h.hexdigest(), "hashed_tensors": len(names)}
 
 
 def _matches(meta: dict, ident: dict) -> bool:

@@ -49,7 +49,8 @@ class Method:
     def scores(self, model, pf: Prefill) -> list[torch.Tensor]:
         """Per layer [B, Hkv, L]: higher is kept first."""
         kv_heads = model.config.num_key_value_heads
-        return scoring.score(self.glimpse(model, pf), kv_heads, self.pooling, self.kernel, self.gqa)
+        valid = pf.valid if pf.padded else None  # pads to leave out of the pooling windows
+        return scoring.score(self.glimpse(model, pf), kv_heads, self.pooling, self.kernel, self.gqa, valid)
 
     def forced(self, pf: Prefill) -> torch.Tensor | None:
         """[B, L] positions always kept: the last `window` and the first `sinks` real tokens."""
@@ -63,8 +64,9 @@ class Method:
         return out & pf.valid if bool(out.any()) else None
 
     def floor(self) -> int:
-        """Fewest entries a layer may keep."""
-        return max(self.window if self.keep_window else 0, self.sinks, 1)
+        """Fewest entries a layer may keep: every forced entry. Below it select() would have to drop some of
+        them, and its stable sort drops the newest (the question and the chat turn)."""
+        return max((self.window if self.keep_window else 0) + self.sinks, 1)
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -105,6 +107,11 @@ class SnapKV(Method):
 
     def prefill_rows(self):
         return self.window
+
+    def __post_init__(self) -> None:
+        if self.window < 1:  # its window's rows are its only query rows
+            raise LookaheadKVError(f"{self.name} scores with the last `window` prompt tokens: window must be >= 1, "
+                                   f"got {self.window}")
 
 
 @register

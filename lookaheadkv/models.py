@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -129,11 +131,31 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
+def check_device(device: str) -> torch.device:
+    """The device, if this machine has it (torch would fail deep inside a .to() with an AssertionError)."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise LookaheadKVError(f"unknown device {device!r}; use cpu or cuda (cuda:N)") from None
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (d.index or 0) >= count:
+            raise LookaheadKVError(f"device {device} asked for, but this machine has {count} CUDA device(s); "
+                                   "use --device cpu")
+    elif d.type != "cpu":
+        try:
+            torch.empty(1, device=d)
+        except Exception as e:  # torch raises AssertionError, NotImplementedError or RuntimeError here
+            raise LookaheadKVError(f"device {device} is not available ({str(e).splitlines()[0]})") from None
+    return d
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load (model, tokenizer) ready for eviction: our attention function, eval mode, on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    check_device(device)
     path = resolve(name_or_path)
     hf_logging.disable_progress_bar()  # a sub-second load needs no bar
     try:
@@ -145,7 +167,36 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: to
         hf_logging.enable_progress_bar()
     model = attention.install(model).to(device).eval()
     model.name_or_path = name_or_path
+    model._tokenizer = tok  # hashed only when asked for (tokenizer_identity: ~0.5 s)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model, tok
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """sha256 of what gives the ids their meaning: the vocabulary, its added tokens and (BPE) the merges."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        what = [spec["model"], spec.get("added_tokens")]
+    else:
+        what = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_identity(model) -> str | None:
+    """`model.tokenizer_sha256`: set by whoever made the model, or computed (once) from the tokenizer that
+    load_model read, else from the one saved in the model's own directory; None when there is none."""
+    if getattr(model, "tokenizer_sha256", None) is None:
+        tok = getattr(model, "_tokenizer", None)
+        path = getattr(model.config, "_name_or_path", "") or ""
+        if tok is None and path and Path(path).is_dir():
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError):
+                tok = None
+        model.tokenizer_sha256 = None if tok is None else tokenizer_sha256(tok)
+    return model.tokenizer_sha256

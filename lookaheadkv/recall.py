@@ -9,7 +9,7 @@ token F1 against the full-cache answer.
 Held-out samples come only from the TEST split of data.py (never trained on): SQuAD questions with
 distractor paragraphs, HotpotQA questions (their own paragraphs plus others), and essays with a planted fact.
 
-    python -m lookaheadkv.recall --methods snapkv,laq:k=8 --budgets 32,64,128 --samples 40 --out results/x
+    lookaheadkv recall --methods snapkv,laq:k=8 --budgets 32,64,128 --samples 40 --out results/x
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import torch
 from tqdm import tqdm
 
@@ -35,6 +36,7 @@ from .evaluation.metrics import mean_ci, token_f1
 from .generate import build_prompt, evict
 from .importance import importance_recall, true_importance
 from .methods import Method, get_method, parse_methods
+from .models import DEFAULT_MODEL, load_model
 from .prefill import prefill
 
 FAMILIES = ("squad", "hotpotqa", "essays")
@@ -98,15 +100,19 @@ def _essay(rng: random.Random, target: int, count: TokenCounter) -> Sample:
 _BUILDERS = {"squad": _squad, "hotpotqa": _hotpotqa, "essays": _essay}
 
 
-def heldout_samples(tokenizer, n: int, min_tokens: int = 1000, max_tokens: int = 3000,
-                    families: Sequence[str] = FAMILIES, seed: int = 0) -> list[Sample]:
-    """`n` held-out samples from the test split, cycling through `families`, each context ~min..max tokens
-    long (a length drawn uniformly per sample). Deterministic for a given seed."""
+def check_sample_options(families: Sequence[str], min_tokens: int, max_tokens: int) -> None:
     bad = set(families) - set(_BUILDERS)
     if bad or not families:
         raise LookaheadKVError(f"unknown sample families {sorted(bad)}; choose from {', '.join(FAMILIES)}")
     if not 0 < min_tokens <= max_tokens:
         raise LookaheadKVError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+
+
+def heldout_samples(tokenizer, n: int, min_tokens: int = 1000, max_tokens: int = 3000,
+                    families: Sequence[str] = FAMILIES, seed: int = 0) -> list[Sample]:
+    """`n` held-out samples from the test split, cycling through `families`, each context ~min..max tokens
+    long (a length drawn uniformly per sample). Deterministic for a given seed."""
+    check_sample_options(families, min_tokens, max_tokens)
     rng = random.Random(seed)
     count = TokenCounter(tokenizer)
     out = []
@@ -277,51 +283,58 @@ def timing_summary(rows: Iterable[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
+@click.command("recall")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="named model, local directory or Hub id")
+@click.option("--methods", default="snapkv", show_default=True, help="comma-separated, options as name:key=value")
+@click.option("--budgets", default="32,64,128,256", show_default=True, help="comma-separated KV budgets (tokens)")
+@click.option("--samples", default=40, show_default=True, help="held-out prompts (test split)")
+@click.option("--min-tokens", default=1000, show_default=True, help="shortest context")
+@click.option("--max-tokens", default=2000, show_default=True, help="longest context")
+@click.option("--families", default=",".join(FAMILIES), show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--response-tokens", default=96, show_default=True,
+              help="cap of the full-cache answer whose attention is the truth")
+@click.option("--answer-tokens", default=0, show_default=True, help="also decode answers and score F1 (0: off)")
+@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: torch default)")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder for rows.jsonl, args.json and summary.md")
+@click.option("--baselines", default="", help="comma-separated labels to pair every method against")
+@click.option("--summarize", is_flag=True, help="only rewrite summary.md from the rows in --out (a stopped run's)")
+@click.pass_context
+def recall_command(ctx, model, methods, budgets, samples, min_tokens, max_tokens, families, seed, response_tokens,
+                   answer_tokens, threads, device, out, baselines, summarize):
+    """Importance recall: the share of the true top-B prompt positions (by the model's own answer) each method
+    keeps, on held-out test-split prompts; rows, args and a summary go to --out."""
 
-    from .models import DEFAULT_MODEL, load_model
-
-    ap = argparse.ArgumentParser(prog="python -m lookaheadkv.recall", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--methods", default="snapkv", help="comma-separated; options as name:key=value:key=value")
-    ap.add_argument("--budgets", default="32,64,128,256")
-    ap.add_argument("--samples", type=int, default=40)
-    ap.add_argument("--min-tokens", type=int, default=1000)
-    ap.add_argument("--max-tokens", type=int, default=2000)
-    ap.add_argument("--families", default=",".join(FAMILIES))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--response-tokens", type=int, default=96)
-    ap.add_argument("--answer-tokens", type=int, default=0, help="also decode answers and score F1 (0: off)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", required=True, help="output folder: rows.jsonl and summary.md")
-    ap.add_argument("--baselines", default="", help="comma-separated labels to pair every method against")
-    ap.add_argument("--summarize", action="store_true",
-                    help="only rewrite summary.md from the rows already in --out (e.g. of a stopped run)")
-    a = ap.parse_args(argv)
-    out = Path(a.out)
-    if a.summarize:
+    if summarize:
         rows_path = out / "rows.jsonl"
         if not rows_path.exists():
-            raise SystemExit(f"error: {rows_path} does not exist")
+            raise LookaheadKVError(f"{rows_path} does not exist; run without --summarize first")
         rows = complete_samples([json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()
                                  if line.strip()])
-        _report(rows, out, a.baselines, f"{rows_path}: {sum(r['kind'] == 'sample' for r in rows)} complete samples")
+        _report(rows, out, baselines, f"{rows_path}: {sum(r['kind'] == 'sample' for r in rows)} complete samples")
         return
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model, device=a.device)
-    methods = parse_methods(a.methods)
-    samples = heldout_samples(tok, a.samples, a.min_tokens, a.max_tokens, a.families.split(","), a.seed)
+    try:
+        budget_list = [int(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise LookaheadKVError(f"--budgets must be comma-separated integers, got {budgets!r}") from None
+    if not budget_list or min(budget_list) < 1 or samples < 1 or response_tokens < 1:
+        raise LookaheadKVError("--budgets must be positive token counts, and --samples and --response-tokens >= 1")
+    chosen = parse_methods(methods)
+    family_list = [f for f in families.split(",") if f]
+    check_sample_options(family_list, min_tokens, max_tokens)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    m, tok = load_model(model, device=device)
+    heldout = heldout_samples(tok, samples, min_tokens, max_tokens, family_list, seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.jsonl").unlink(missing_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(a), indent=1), encoding="utf-8")
-    rows = run_recall(model, tok, samples, methods, [int(b) for b in a.budgets.split(",")], a.response_tokens,
-                      a.answer_tokens, out / "rows.jsonl")
-    header = (f"model {a.model}; {a.samples} held-out samples ({a.families}), context {a.min_tokens}-{a.max_tokens} "
-              f"tokens, seed {a.seed}; response cap {a.response_tokens} tokens")
-    _report(rows, out, a.baselines, header)
+    (out / "args.json").write_text(json.dumps({**ctx.params, "out": str(out)}, indent=1), encoding="utf-8")
+    rows = run_recall(m, tok, heldout, chosen, budget_list, response_tokens, answer_tokens, out / "rows.jsonl")
+    header = (f"model {model}; {samples} held-out samples ({families}), context {min_tokens}-{max_tokens} "
+              f"tokens, seed {seed}; response cap {response_tokens} tokens")
+    _report(rows, out, baselines, header)
 
 
 def _report(rows: list[dict], out: Path, baselines: str, header: str) -> None:
@@ -333,10 +346,6 @@ def _report(rows: list[dict], out: Path, baselines: str, header: str) -> None:
     report += [timing_summary(rows), ""]
     text = "\n".join(report)
     (out / "summary.md").write_text(text, encoding="utf-8")
-    print(text)
-
-
-if __name__ == "__main__":
-    main()
+    click.echo(text)
 
 

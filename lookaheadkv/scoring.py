@@ -16,19 +16,27 @@ POOLINGS = ("none", "max", "avg")
 GQA_REDUCTIONS = ("mean", "max")
 
 
-def pool(scores: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
-    """1-D pooling along the last axis of [..., L] (stride 1, same length)."""
+def pool(scores: torch.Tensor, pooling: str, kernel: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """1-D pooling along the last axis of [..., L] (stride 1, same length). valid (bool, broadcastable to
+    scores): the real positions; pads take part in no window, so a left-padded sequence pools as it would alone
+    (an average over pad zeros had diluted its first real positions)."""
     if pooling == "none" or kernel <= 1:
         return scores
+    if pooling not in ("max", "avg"):
+        raise LookaheadKVError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     shape = scores.shape
     flat = scores.reshape(-1, 1, shape[-1])
+    real = None if valid is None else valid.expand(shape).reshape(-1, 1, shape[-1])
     if pooling == "max":
-        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    elif pooling == "avg":
-        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-    else:
-        raise LookaheadKVError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-    return out[..., : shape[-1]].reshape(shape)
+        out = F.max_pool1d(flat if real is None else flat.masked_fill(~real, float("-inf")), kernel, stride=1,
+                           padding=kernel // 2)
+    else:  # the sum over the window's real positions / their count (each as a mean over the whole kernel)
+        weight = torch.ones_like(flat) if real is None else real.to(scores.dtype)
+        total = F.avg_pool1d(flat if real is None else flat.masked_fill(~real, 0.0), kernel, stride=1,
+                             padding=kernel // 2)
+        out = total / F.avg_pool1d(weight, kernel, stride=1, padding=kernel // 2).clamp_min(1 / kernel)
+    out = out[..., : shape[-1]]
+    return (out if real is None else out.masked_fill(~real, 0.0)).reshape(shape)  # pads score 0 (never kept)
 
 
 def reduce_gqa(scores: torch.Tensor, n_kv_heads: int, how: str) -> torch.Tensor:
@@ -42,13 +50,16 @@ def reduce_gqa(scores: torch.Tensor, n_kv_heads: int, how: str) -> torch.Tensor:
     raise LookaheadKVError(f"unknown GQA reduction {how!r}; choose one of {', '.join(GQA_REDUCTIONS)}")
 
 
-def score(attn: list[torch.Tensor], n_kv_heads: int, pooling: str, kernel: int, gqa: str) -> list[torch.Tensor]:
-    """Per-layer query-head attention [B, Hq, L] -> per-layer KV-head scores [B, Hkv, L]."""
+def score(attn: list[torch.Tensor], n_kv_heads: int, pooling: str, kernel: int, gqa: str,
+          valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per-layer query-head attention [B, Hq, L] -> per-layer KV-head scores [B, Hkv, L]; valid [B, L]: the
+    real (non-pad) positions, which alone are pooled."""
+    real = None if valid is None else valid[:, None, :]
     if len(attn) > 1 and len({tuple(a.shape) for a in attn}) == 1:  # all layers in one go (few kernel launches)
         n, (b, hq, length) = len(attn), attn[0].shape
-        pooled = pool(torch.stack(attn), pooling, kernel).view(n * b, hq, length)
+        pooled = pool(torch.stack(attn), pooling, kernel, real).view(n * b, hq, length)
         return list(reduce_gqa(pooled, n_kv_heads, gqa).view(n, b, n_kv_heads, length).unbind(0))
-    return [reduce_gqa(pool(a, pooling, kernel), n_kv_heads, gqa) for a in attn]
+    return [reduce_gqa(pool(a, pooling, kernel, real), n_kv_heads, gqa) for a in attn]
 
 
 def layer_budgets(budget: int, n_layers: int, length: int, policy: str, floor: int, beta: float = 20.0) -> list[int]:

@@ -146,9 +146,10 @@ def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target], grad: 
         with torch.no_grad():
             n_kv = model.config.num_key_value_heads
             scores = scoring.score([p.detach() for p in pred], n_kv, "none", 1, "mean")
+            per_layer, cache = list(truth.unbind(1)), {}
             for b in budgets:
                 kept = scoring.select(scores, [b] * len(scores), pf.valid, None)
-                recall[b] = recall_per_sequence(truth, kept, b, n_kv, pf.valid)
+                recall[b] = recall_per_sequence(per_layer, kept, b, n_kv, pf.valid, cache)
     return loss, recall
 
 

@@ -47,14 +47,17 @@ GRID = [dict(pooling=p, kernel=k, window=w, keep_window=w > 0)
 def kept_for(model, pf, m, glimpse, budget):
     """Kept indices per layer for method m (scores from `glimpse` when given), as evict() would select."""
     n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
-    scores = scoring.score(glimpse, n_kv, m.pooling, m.kernel, m.gqa) if glimpse is not None else m.scores(model, pf)
+    valid = pf.valid if pf.padded else None
+    scores = (scoring.score(glimpse, n_kv, m.pooling, m.kernel, m.gqa, valid) if glimpse is not None
+              else m.scores(model, pf))
     budgets = scoring.layer_budgets(budget, n_layers, pf.length, m.policy, m.floor())
     return scoring.select(scores, budgets, pf.valid, m.forced(pf))
 
 
 def recall_rows(model, pf, truth, kept, budget):
     """Per-sample importance recall (lookaheadkv.importance.recall_per_sequence on the batch)."""
-    return recall_per_sequence(truth, kept, budget, model.config.num_key_value_heads, pf.valid).tolist()
+    return recall_per_sequence(list(truth.unbind(1)), kept, budget, model.config.num_key_value_heads,
+                               pf.valid).tolist()
 
 
 def batches(lengths, size):

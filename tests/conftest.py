@@ -27,3 +27,26 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, length - len(p):] = p
         mask[i, length - len(p):] = 1
     return ids, mask
+
+
+def save_tiny(path, seed, prefix="t", layers=3, merges=None):
+    """A tiny model directory with a word-level tokenizer ("t0".."t127"), loadable by load_model and the CLI;
+    with `merges`, a BPE tokenizer of one fixed vocabulary (letters and the pairs they merge into) instead."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if merges is None:
+        tok = Tokenizer(models.WordLevel({f"{prefix}{i}": i for i in range(128)}, unk_token=f"{prefix}0"))
+    else:
+        letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+        pairs = [a + b for a in letters[:10] for b in letters[:10]]
+        vocab = {t: i for i, t in enumerate([f"{prefix}0", f"{prefix}2"] + letters + pairs)}  # 128 tokens
+        tok = Tokenizer(models.BPE(vocab, merges, unk_token=f"{prefix}0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=f"{prefix}0", eos_token=f"{prefix}2",
+                                   pad_token=f"{prefix}0")
+    model = tiny_model(layers=layers, seed=seed).float()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import left_pad, tiny_model
+from conftest import left_pad, save_tiny, tiny_model
 
 from lookaheadkv import LookaheadKVError, generate_ids, get_method
 from lookaheadkv.cache import kv_bytes, kv_lengths
@@ -16,7 +16,9 @@ from lookaheadkv.prefill import prefill
 
 
 def no_eos(model):
+    """No EOS (drafts run their full length), and the one tokenizer identity of the tiny models' ids."""
     model.generation_config.eos_token_id = None
+    model.tokenizer_sha256 = "tiny: ids 0-127"
     return model
 
 
@@ -233,22 +235,6 @@ def test_a_reused_draft_serves_clones_of_one_prefill_only(target):
     assert len(calls) == 2
 
 
-def save_tiny(path, seed, prefix="t", layers=3):
-    """A tiny model directory with a word-level tokenizer ("t0".."t127"), loadable by load_model and the CLI."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"{prefix}{i}": i for i in range(128)}, unk_token=f"{prefix}0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=f"{prefix}0", eos_token=f"{prefix}2",
-                                   pad_token=f"{prefix}0")
-    model = tiny_model(layers=layers, seed=seed).float()
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return str(path)
-
-
 def test_cli_draft_model_option(tmp_path):
     from click.testing import CliRunner
 
@@ -272,6 +258,23 @@ def test_cli_draft_model_option(tmp_path):
         res = CliRunner().invoke(main, base + extra)
         lines = [x for x in res.output.strip().splitlines() if x.strip()]
         assert res.exit_code == 1 and len(lines) == 1 and match in lines[0], res.output
+
+
+def test_speckv_refuses_a_draft_whose_tokenizer_differs_beyond_the_vocabulary_size(target, tmp_path):
+    from lookaheadkv.models import load_model
+
+    pairs = [(a, b) for a in "abcdefghij" for b in "abcdefghij"]
+    one, _ = load_model(save_tiny(tmp_path / "one", 0, merges=pairs))
+    same, _ = load_model(save_tiny(tmp_path / "same", 7, layers=2, merges=pairs))
+    other, _ = load_model(save_tiny(tmp_path / "other", 7, layers=2, merges=pairs[::-1]))  # same vocabulary
+    ids = prompt(40, 2)
+    _, ev, _ = generate_ids(one, ids, None, get_method("speckv", draft_model=same, k=2), 36, Sampling(1))
+    assert ev.parts["draft_rows"] > 0
+    with pytest.raises(LookaheadKVError, match="different tokenizer"):
+        generate_ids(one, ids, None, get_method("speckv", draft_model=other, k=2), 36, Sampling(1))
+    unknown = tiny_model(layers=2, seed=7)  # same vocabulary size, no tokenizer to compare
+    with pytest.raises(LookaheadKVError, match="cannot tell whether draft model"):
+        generate_ids(target, ids, None, get_method("speckv", draft_model=unknown, k=2), 36, Sampling(1))
 
 
 def test_clone_shares_tensors_and_a_drafting_eviction_of_it_leaves_the_prefill_unchanged(target):

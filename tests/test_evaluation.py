@@ -1,14 +1,21 @@
 """Evaluation harness: task generators, metrics, the runner (resume, exactness) and the report."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import save_tiny, tiny_model
 
 from lookaheadkv import data
 from lookaheadkv.decode import Sampling
+from lookaheadkv.errors import LookaheadKVError
 from lookaheadkv.evaluation import metrics, runner
 from lookaheadkv.evaluation.report import write_report
 from lookaheadkv.evaluation.ruler import REPEAT
@@ -36,6 +43,32 @@ def test_token_f1_and_exact_match():
     assert metrics.token_f1("", "") == 1.0 and metrics.token_f1("x", "") == 0.0
     assert metrics.exact_match("The Cat!", ["dog", "cat"]) == 1.0
     assert metrics.exact_match("a black cat", ["cat"]) == 0.0
+
+
+def test_qa_normalisation_deletes_punctuation_as_squad_and_longbench_do():
+    assert metrics.normalize_answer("It cost $1,000, didn't it?") == ["it", "cost", "1000", "didnt", "it"]
+    assert metrics.token_f1("1,000", "1000") == 1.0 and metrics.exact_match("U.S.", ["US"]) == 1.0
+    # [us, forces, left] vs [us, army]: P = 1/3, R = 1/2, F1 = 0.4
+    assert metrics.token_f1("U.S. forces left.", "the US army") == pytest.approx(0.4)
+
+
+def test_rescore_recomputes_every_metric_from_the_stored_answers():
+    base = dict(model="m", length=4096, mode="aware", budget=None)
+    rows = [dict(base, task="qa_single_doc", sample="q", method="full", answer="1,000 people", answers=["1000 people"],
+                 score=0.5, em=0.0, fidelity=1.0),
+            dict(base, task="qa_single_doc", sample="q", method="snapkv", budget=64, answer="about 1,000",
+                 score=0.4, em=0.0, fidelity=0.5),
+            dict(base, task="niah_single_1", sample="n", method="full", answer="It is 1,234.", answers=["1,234"],
+                 score=1.0, fidelity=1.0),
+            dict(base, task="niah_single_1", sample="n", method="tova", budget=64, answer="1,234", score=1.0,
+                 fidelity=0.5)]
+    new = runner.rescore(rows)
+    assert [r["score"] for r in new] == [1.0, 0.5, 1.0, 1.0]  # [about, 1000] vs [1000, people]: P = R = 1/2
+    assert [r.get("em") for r in new] == [1.0, 0.0, None, None]
+    assert [r["fidelity"] for r in new] == [1.0, 0.5, 1.0, 0.5]  # [1234] vs [it, is, 1234]: P = 1, R = 1/3
+    assert [list(r) for r in new] == [list(r) for r in rows]  # same fields in the same order: a minimal diff
+    with pytest.raises(LookaheadKVError, match="no full-cache row"):
+        runner.rescore(rows[1:2])
 
 
 def test_rouge_l():
@@ -236,9 +269,10 @@ def test_report(tmp_path):
     assert (tmp_path / "rep" / "scores_by_family.png").stat().st_size > 1000
 
 
-def test_bad_input_is_one_line_error():
-    from lookaheadkv.errors import LookaheadKVError
-
+def test_bad_input_is_one_line_error(model, tmp_path):
+    with pytest.raises(LookaheadKVError, match="appended to a plain JSONL file"):
+        runner.run_eval(model, TOK, methods=methods(), budgets=[32], out=tmp_path / "r.jsonl.gz", **RUN)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(LookaheadKVError, match="unknown task"):
         resolve_tasks("niah_single_9")
     with pytest.raises(LookaheadKVError, match="unknown method"):
@@ -246,15 +280,112 @@ def test_bad_input_is_one_line_error():
     assert get_method("snapkv").evicts
 
 
-def test_batched_recall_matches_core_definition():
-    from lookaheadkv.importance import importance_recall
+def direct_recall(truth, kept, budget, n_kv, valid):
+    """Per sequence, with Python sets: the true top-`budget` of its real positions per layer and KV head (query
+    heads averaged), and the share of them that `kept` holds (None: all)."""
+    out = []
+    for i in range(valid.shape[0]):
+        real = [j for j in range(valid.shape[1]) if valid[i, j]]
+        shares = []
+        for t, k in zip(truth, kept):
+            per_kv = t[i].view(n_kv, -1, t.shape[-1]).mean(dim=1)
+            for h in range(n_kv):
+                top = sorted(real, key=lambda j: -float(per_kv[h, j]))[:budget]
+                held = set(real) if k is None else set(k[i, h].tolist())
+                shares.append(len(set(top) & held) / len(top))
+        out.append(sum(shares) / len(shares))
+    return out
+
+
+def test_importance_recall_equals_a_direct_computation_and_a_short_padded_sequence_kept_whole_scores_1():
+    from lookaheadkv.importance import importance_recall, recall_per_sequence
 
     g = torch.Generator().manual_seed(0)
     truth = [torch.rand(3, 4, 40, generator=g) for _ in range(2)]
     valid = torch.ones(3, 40, dtype=torch.bool)
-    valid[0, :5] = False  # a left-padded sequence
+    valid[0, :5] = False  # left-padded
+    valid[2, :30] = False  # 10 real positions, fewer than the budget of 12
     kept = [torch.rand(3, 2, 40, generator=g).topk(12, dim=-1).indices.sort(dim=-1).values, None]
-    got = runner.recall_per_sample(truth, kept, 12, 2, valid, {})
-    for i in range(3):
-        want = importance_recall([t[i:i + 1] for t in truth], [kept[0][i:i + 1], None], 12, 2, valid[i:i + 1])
-        assert got[i] == pytest.approx(want, abs=1e-12)
+    kept[0][2] = torch.arange(28, 40)  # what select keeps for the short one: all of it, and 2 pads
+    want = direct_recall(truth, kept, 12, 2, valid)
+    assert want[2] == 1.0 and 0 < want[0] < 1
+    got = recall_per_sequence(truth, kept, 12, 2, valid, {}).tolist()
+    assert got == pytest.approx(want, abs=1e-6)  # float32 means
+    assert importance_recall(truth, kept, 12, 2, valid) == pytest.approx(sum(want) / 3, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def stop_case(tmp_path_factory):
+    """An eval command on a tiny model (2 samples x 5 rows) and the rows of its uninterrupted run."""
+    from click.testing import CliRunner
+
+    from lookaheadkv.cli import main
+
+    root = tmp_path_factory.mktemp("stop")
+    args = ["eval", "--model", save_tiny(root / "m", 0), "--tasks", "niah_single_1", "--n", "2", "--batch", "1",
+            "--length", "300", "--methods", "snapkv:window=8,h2o:window=8", "--budgets", "32,64"]
+    assert CliRunner().invoke(main, args + ["--out", str(root / "ref.jsonl")]).exit_code == 0
+    return args, runner.read_rows(root / "ref.jsonl")
+
+
+def lines(path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def resumed_equals_uninterrupted(args, out, want):
+    from click.testing import CliRunner
+
+    from lookaheadkv.cli import main
+
+    stopped = len(runner.read_rows(out))
+    assert 6 <= stopped < len(want) == 10  # stopped during the second sample's rows
+    assert CliRunner().invoke(main, args + ["--out", str(out)]).exit_code == 0
+    got = runner.read_rows(out)
+    assert len(got) == len(want)  # nothing lost, nothing twice
+    by_key = {runner.row_key(r): r for r in got}
+    for r in want:
+        g = by_key[runner.row_key(r)]
+        assert (g["answer"], g["score"], g["fidelity"]) == (r["answer"], r["score"], r["fidelity"])
+        assert g["recall"] == pytest.approx(r["recall"], abs=1e-6)
+
+
+def test_eval_interrupted_by_sigint_and_started_again_gives_the_uninterrupted_rows(stop_case, tmp_path, monkeypatch):
+    import threading
+
+    from click.testing import CliRunner
+
+    from lookaheadkv.cli import main
+
+    args, want = stop_case
+    out = tmp_path / "r.jsonl"
+    write = runner.Sink.write
+    monkeypatch.setattr(runner.Sink, "write", lambda self, row: (write(self, row), time.sleep(0.1)))
+
+    def interrupt():  # a real SIGINT (Ctrl-C) to this process once the sixth row is on disk
+        while lines(out) < 6:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    result = CliRunner().invoke(main, args + ["--out", str(out)])
+    assert result.exit_code == 1 and "Aborted" in result.output  # click's answer to KeyboardInterrupt
+    monkeypatch.undo()
+    resumed_equals_uninterrupted(args, out, want)
+
+
+def test_eval_killed_by_sigkill_and_started_again_gives_the_uninterrupted_rows(stop_case, tmp_path):
+    args, want = stop_case
+    out = tmp_path / "r.jsonl"
+    slow = ("import time; from lookaheadkv.evaluation import runner; write = runner.Sink.write; "
+            "runner.Sink.write = lambda self, row: (write(self, row), time.sleep(0.1)); "
+            "from lookaheadkv.cli import main; main()")  # the real CLI, its rows written slowly enough to kill it
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args, "--out", str(out)], env={**os.environ,
+                            "PYTHONPATH": path}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while lines(out) < 6 and proc.poll() is None:
+        assert time.monotonic() < deadline, "the eval subprocess wrote too few rows in 120 s"
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait(60) == -signal.SIGKILL
+    resumed_equals_uninterrupted(args, out, want)

@@ -150,9 +150,24 @@ def test_identity_ignores_dtype_and_the_injected_lora():
     a = tiny_model()
     ident = la.model_identity(a)
     assert la.model_identity(tiny_model().float()) == ident
+    assert la.model_identity(tiny_model().float().to(torch.bfloat16)) == ident  # fp32 weights loaded in bf16
     la.create(a, n=2)
     assert la.model_identity(a) == ident
     assert la.model_identity(tiny_model(seed=9))["weights_sha256"] != ident["weights_sha256"]
+
+
+def test_identity_sees_a_fine_tune_of_any_single_tensor():
+    model = tiny_model()
+    ident = la.model_identity(model)["weights_sha256"]
+    params = dict(model.named_parameters())
+    assert len(params) == 3 * 9 + 3  # every tensor of the tiny Llama is tried
+    with torch.no_grad():
+        for name, p in params.items():
+            before = p.clone()
+            p.add_(0.01)  # a fine-tune of this tensor alone
+            assert la.model_identity(model)["weights_sha256"] != ident, name
+            p.copy_(before)
+    assert la.model_identity(model)["weights_sha256"] == ident
 
 
 def test_the_shipped_module_for_the_default_model_is_complete():

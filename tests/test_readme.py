@@ -22,3 +22,12 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
 def test_readme_lists_every_registered_method():
     for name in METHODS:
         assert f"| `{name}` |" in README, name
+
+
+def test_every_command_the_readme_shows_exists():
+    from lookaheadkv.cli import main
+
+    shown = set(re.findall(r"(?m)^\s*lookaheadkv (\w+)", "\n".join(re.findall(r"```bash\n(.*?)```", README, re.S))))
+    assert {"recall", "eval", "report", "bench", "train", "generate"} <= shown
+    assert shown <= set(main.commands)
+    assert "python -m lookaheadkv.recall" not in README

@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from click.testing import CliRunner
+from conftest import save_tiny, tiny_model
 
 from lookaheadkv import generate_ids, get_method
+from lookaheadkv.cli import main
 from lookaheadkv.decode import Sampling
 from lookaheadkv.errors import LookaheadKVError
 from lookaheadkv.generate import build_prompt
@@ -124,3 +126,22 @@ def test_paired_summary_is_the_mean_per_sample_difference():
             for m, s, v in [("a", "x", 0.5), ("a", "y", 0.25), ("b", "x", 0.75), ("b", "y", 0.75)]]
     m, ci = mean_ci([0.25, 0.5])
     assert f"| b | {m:+.3f} ± {ci:.3f} | 2 |" in paired_summary(rows, "a")
+
+
+def test_cli_recall_writes_rows_args_and_a_summary_that_summarize_rewrites(tmp_path):
+    out = tmp_path / "out"
+    args = ["recall", "--model", save_tiny(tmp_path / "m", 0), "--methods", "snapkv:window=8,streamingllm",
+            "--budgets", "16,32", "--samples", "2", "--families", "essays", "--min-tokens", "60", "--max-tokens", "80",
+            "--response-tokens", "4", "--baselines", "streamingllm", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows].count("sample") == 2
+    assert {(r["method"], r["budget"]) for r in rows if r["kind"] == "method"} == {
+        (m, b) for m in ("snapkv:window=8", "streamingllm") for b in (16, 32)}
+    summary = (out / "summary.md").read_text()
+    assert res.stdout.strip() == summary.strip() and "| snapkv:window=8 | " in summary
+    assert json.loads((out / "args.json").read_text())["budgets"] == "16,32"
+    again = CliRunner().invoke(main, ["recall", "--out", str(out), "--summarize", "--baselines", "streamingllm"])
+    assert again.exit_code == 0, again.output
+    assert (out / "summary.md").read_text().split("\n", 1)[1] == summary.split("\n", 1)[1]  # same tables

@@ -114,12 +114,12 @@ def test_batched_recall_equals_the_one_sequence_form_and_ignores_pads():
     valid = torch.ones(2, 30, dtype=torch.bool)
     valid[1, :12] = False
     kept = [torch.randperm(30, generator=g)[:8].sort().values.expand(2, 2, 8).clone() for _ in range(3)]
-    got = recall_per_sequence(truth, kept, 8, 2, valid)
+    got = recall_per_sequence(list(truth.unbind(1)), kept, 8, 2, valid)
     ref = importance_recall([truth[0, layer][None] for layer in range(3)], [k[:1] for k in kept], 8, 2)
     assert got[0].item() == pytest.approx(ref)
     # a sequence of 18 real tokens keeping all of them scores 1 at a budget above its length
     everything = [torch.arange(12, 30).expand(2, 2, 18).clone() for _ in range(3)]
-    assert recall_per_sequence(truth, everything, 25, 2, valid)[1].item() == pytest.approx(1.0)
+    assert recall_per_sequence(list(truth.unbind(1)), everything, 25, 2, valid)[1].item() == pytest.approx(1.0)
 
 
 def test_one_training_step_lowers_the_loss_on_that_batch():

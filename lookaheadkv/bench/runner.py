@@ -29,10 +29,12 @@ from ..cache import kv_bytes
 from ..errors import LookaheadKVError
 from ..generate import evict
 from ..methods import Method, get_method, parse_spec
+from ..models import check_device, tokenizer_identity
 from ..prefill import ExtraRows, Prefill, forward, prefill
 from . import shapes
 from .timing import Clock, median, peak_bytes, reset_peak, sync, time_calls
 
+ROWS_ONLY = "/rows-only"  # label suffix of a single-pass method's twin that runs its extra rows without adapter
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -77,9 +79,7 @@ class Bench:
         self.cfg = cfg
         if cfg.dtype not in DTYPES:
             raise LookaheadKVError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise LookaheadKVError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-        self.device = torch.device(cfg.device)
+        self.device = check_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         clock = Clock("cpu")
         self.model, self.note = shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights)
@@ -89,7 +89,7 @@ class Bench:
             self.methods = {"full": get_method("full"), **self.methods}
         for spec, m in list(self.methods.items()):
             if cfg.split_extra_rows and m.evicts and m.prefill_extra(self.model) is not None:
-                self.methods[f"{spec}/rows-only"] = _rows_only(self.model, m)
+                self.methods[spec + ROWS_ONLY] = _rows_only(self.model, m)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.seconds = {"build": clock.lap()}  # wall time of each phase, to plan runs on a rationed device
 
@@ -101,6 +101,8 @@ class Bench:
             draft = options.get("draft_model", self.cfg.draft_model)
             dm, note = shapes.build(draft, self.cfg.device, self.dtype, self.cfg.random_weights,
                                     vocab_size=self.model.config.vocab_size)
+            if note == shapes.RANDOM_NOTE:  # random weights over the target's vocabulary: it reads the target's ids
+                dm.tokenizer_sha256 = tokenizer_identity(self.model)
             self.notes.append(f"speckv draft model {draft}: {note}")
             options["draft_model"] = dm
         if name == "lookahead" and "module" not in options:
@@ -264,7 +266,8 @@ class Bench:
                 prefill_delta = median([a["stages"]["prefill"] - f["stages"]["prefill"] for a, f in zip(rs, full)])
                 after = sum(v for k, v in stages.items() if k != "prefill")
                 ttft_full = median([f["ttft"] for f in full])
-                adapter = self._adapter_direct(m, length) if extra else 0.0
+                # The rows-only twin runs its rows without the adapter: nothing of the adapter to charge it.
+                adapter = self._adapter_direct(m, length) if extra and not label.endswith(ROWS_ONLY) else 0.0
                 # Extra rows in the prefill: recording + adapter (timed directly) + the rows' share of the
                 # prefill's work (n / L of it, an estimate: the rows add n to every matrix product's L).
                 rows_share = m.prefill_extra(self.model).embeds.shape[1] / length * median(

@@ -50,6 +50,7 @@ def from_config(cfg, device: str, dtype: torch.dtype, seed: int = 0):
     model.eval().requires_grad_(False)
     model.name_or_path = cfg.name_or_path
     model.generation_config.eos_token_id = None
+    model.tokenizer_sha256 = f"{cfg.vocab_size} token ids, no tokenizer (random weights)"  # what SpecKV compares
     return install(model)
 
 

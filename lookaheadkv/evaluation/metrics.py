@@ -2,8 +2,8 @@
 
 - RULER string match: `string_match_all` (share of references found in the prediction, case-insensitive;
   needles, variable tracking, word extraction) and `string_match_part` (1 if any reference is found; QA).
-- SQuAD / LongBench: `token_f1` and `exact_match` after normalisation (lower case, no punctuation, no
-  articles, single spaces), the best over the references.
+- SQuAD / LongBench: `token_f1` and `exact_match` after their normalisation (lower case, punctuation
+  deleted, so "1,000" is "1000", articles dropped, single spaces), the best over the references.
 - ROUGE-L: F1 of the longest common subsequence of lower-cased word tokens.
 - `mean_ci`: the mean and the half-width of its normal 95% interval.
 """
@@ -35,8 +35,8 @@ def string_match_part(prediction: str, references: Sequence[str]) -> float:
 
 
 def normalize_answer(text: str) -> list[str]:
-    """SQuAD normalisation, as words."""
-    text = "".join(" " if c in _PUNCT else c for c in text.lower())
+    """SQuAD normalisation, as words: punctuation is deleted, not made a word break."""
+    text = "".join(c for c in text.lower() if c not in _PUNCT)
     return _ARTICLES.sub(" ", text).split()
 
 

@@ -8,8 +8,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..errors import LookaheadKVError
 from .metrics import mean_ci
-from .runner import read_rows
+from .runner import ROW_KEY, read_rows
 
 FAMILY_ORDER = ("ruler", "qa", "fidelity")
 
@@ -105,8 +106,14 @@ def plot(rows: list[dict], path: Path, by: str = "family", metric: str = "score"
 
 
 def write_report(results: Sequence[str | Path], folder: str | Path) -> Path:
-    """report.md (tables) and scores_by_family.png / scores_by_task.png in `folder`."""
-    rows = [r for p in results for r in read_rows(p)]
+    """report.md (tables) and scores_by_family.png / scores_by_task.png in `folder`; a results file that holds
+    no evaluation row is refused before anything is written."""
+    rows = []
+    for p in results:
+        found = [r for r in read_rows(p) if all(k in r for k in (*ROW_KEY, "family", "score"))]
+        if not found:
+            raise LookaheadKVError(f"{p} holds no evaluation rows (the JSONL rows `lookaheadkv eval` writes)")
+        rows += found
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plot(rows, folder / "scores_by_family.png", by="family")

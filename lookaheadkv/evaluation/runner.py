@@ -39,10 +39,9 @@ from ..cache import crop
 from ..decode import Sampling, decode
 from ..errors import LookaheadKVError
 from ..generate import evict
-from ..importance import true_importance
+from ..importance import recall_per_sequence, true_importance
 from ..methods import Method
 from ..prefill import Prefill, forward, prefill
-from ..scoring import reduce_gqa
 from . import metrics
 from .tasks import Sample, make_sample, resolve_tasks
 
@@ -52,20 +51,34 @@ def row_key(row: dict) -> tuple:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a results file (gzip when the name ends in .gz); a line cut off by an interrupted run is skipped."""
+    """Rows of a results file (gzip when the name ends in .gz); a line cut off by an interrupted run, or any
+    line that is not a JSON object, is skipped."""
     import gzip
 
     p = Path(path)
     if not p.exists():
         return []
-    data = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    try:
+        data = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    except (OSError, EOFError) as e:
+        raise LookaheadKVError(f"{p} is not a readable gzip file ({e})") from None
     rows = []
-    for line in data.decode("utf-8").splitlines():
+    for line in data.decode("utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def check_out(path: str | Path | None) -> None:
+    """Rows are appended to --out as they finish, as plain JSONL; appending plain lines to a gzip file would
+    leave it unreadable."""
+    if path is not None and Path(path).suffix == ".gz":
+        raise LookaheadKVError(f"--out {path}: rows are appended to a plain JSONL file as they finish; give a name "
+                               "ending in .jsonl (gzip it when the run is done: report reads .jsonl.gz)")
 
 
 class Sink:
@@ -73,6 +86,7 @@ class Sink:
 
     def __init__(self, path: str | Path | None):
         self.f = None
+        check_out(path)
         if path is not None:
             p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -115,16 +129,36 @@ def encode_sample(tokenizer, s: Sample) -> tuple[list[int], list[int]]:
     return _encode(tokenizer, head), _encode(tokenizer, tail)
 
 
-def score_answer(s: Sample, answer: str, full_answer: str) -> dict[str, float]:
-    if s.metric == "all":
-        return {"score": metrics.string_match_all(answer, s.answers)}
-    if s.metric == "part":
-        return {"score": metrics.string_match_part(answer, s.answers)}
-    if s.metric == "f1":
-        return {"score": metrics.token_f1(answer, s.answers), "em": metrics.exact_match(answer, s.answers)}
-    if s.metric == "rouge":
-        return {"score": metrics.rouge_l(answer, full_answer)}
-    raise ValueError(s.metric)
+def score_answer(metric: str, references: Sequence[str], answer: str, full_answer: str) -> dict[str, float]:
+    """The task's score of `answer` (and exact match for QA), and its fidelity to the full cache's answer."""
+    out = {"fidelity": metrics.token_f1(answer, full_answer)}
+    if metric == "all":
+        return {"score": metrics.string_match_all(answer, references), **out}
+    if metric == "part":
+        return {"score": metrics.string_match_part(answer, references), **out}
+    if metric == "f1":
+        return {"score": metrics.token_f1(answer, references), "em": metrics.exact_match(answer, references), **out}
+    if metric == "rouge":
+        return {"score": metrics.rouge_l(answer, full_answer), **out}
+    raise ValueError(metric)
+
+
+def rescore(rows: Sequence[dict]) -> list[dict]:
+    """The rows with score, em and fidelity computed again from their stored answers by today's metrics (after
+    a metric is corrected; nothing is re-run). The references and the full cache's answer come from each
+    sample's full-cache row."""
+    from .tasks import TASKS, task_groups
+
+    task_groups()  # registers every task
+    sample = ("model", "task", "length", "sample", "mode")
+    full = {tuple(r[k] for k in sample): r for r in rows if r["method"] == "full"}
+    out = []
+    for r in rows:
+        f = full.get(tuple(r[k] for k in sample))
+        if f is None:
+            raise LookaheadKVError(f"row of {r['method']} on {r['sample']} has no full-cache row to score against")
+        out.append({**r, **score_answer(TASKS[r["task"]].metric, f["answers"], r["answer"], f["answer"])})
+    return out
 
 
 # --------------------------------------------------------------------------------------------- batch of copies
@@ -224,27 +258,6 @@ def slice_prefill(pf: Prefill, i: int) -> Prefill:
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys[i:i + 1], layer.values[i:i + 1]
     return Prefill(cache, pf.input_ids[i:i + 1], pf.valid[i:i + 1], pf.next_logits[i:i + 1], {})
-
-
-def recall_per_sample(truth: list[torch.Tensor], kept: list[torch.Tensor | None], budget: int, n_kv_heads: int,
-                      valid: torch.Tensor, top_cache: dict | None = None) -> list[float]:
-    """importance.importance_recall for each sequence of a batch at once (one device sync, not one per layer
-    and sample): the share of the true top-`budget` positions per layer and KV head that `kept` holds,
-    averaged over layers and KV heads. truth: per layer [B, Hq, L]; valid [B, L]."""
-    shares = []
-    for li, (t, k) in enumerate(zip(truth, kept)):
-        top = None if top_cache is None else top_cache.get((budget, li))
-        if top is None:
-            t = reduce_gqa(t.float(), n_kv_heads, "mean").masked_fill(~valid[:, None, :], float("-inf"))
-            top = t.topk(min(budget, t.shape[-1]), dim=-1).indices
-            if top_cache is not None:
-                top_cache[(budget, li)] = top
-        if k is None:
-            shares.append(torch.ones(top.shape[:2], device=top.device))
-            continue
-        hit = torch.zeros(*top.shape[:2], valid.shape[-1], dtype=torch.bool, device=top.device).scatter_(-1, k, True)
-        shares.append(hit.gather(-1, top).float().mean(dim=-1))
-    return torch.stack(shares).mean(dim=(0, 2)).tolist()
 
 
 def answer_importance(model, pf: Prefill, after: list[int], n_answer: int) -> list[torch.Tensor]:
@@ -374,7 +387,7 @@ class Evaluator:
                      for li in range(len(have))]
             tops: dict = {}
             for c in copies:
-                r = recall_per_sample(truth, c.kept, c.effective, self.n_kv, pf.valid, tops)
+                r = recall_per_sequence(truth, c.kept, c.effective, self.n_kv, pf.valid, tops).tolist()
                 recalls.append([None if t is None else v for t, v in zip(truths, r)])
         else:
             recalls = [[None] * len(samples) for _ in copies]
@@ -390,8 +403,7 @@ class Evaluator:
                        "budget": c.budget, "prompt_tokens": prompt_tokens,
                        "context_tokens": len(enc[i][0]) if self.query_agnostic else prompt_tokens,
                        "kept_per_layer": sum(c.lengths()) / self.n_layers if c.budget is not None else None,
-                       "answer": text, **score_answer(s, text, full),
-                       "fidelity": metrics.token_f1(text, full), "recall": recall,
+                       "answer": text, **score_answer(s.metric, s.answers, text, full), "recall": recall,
                        "eviction_s": round(c.seconds, 5)}
                 if c.method == "full":
                     row["answers"] = s.answers
@@ -447,6 +459,7 @@ def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Me
     checked between batches) leaves every task with about the same number of samples. `workers` > 0
     generates the samples in that many processes, ahead of the model; `samples` gives pre-made ones by id."""
     names = resolve_tasks(tasks)
+    check_out(out)
     if n < 1 or batch < 1:
         raise LookaheadKVError("--n and --batch must be at least 1")
     if not budgets or any(b < 1 for b in budgets):
