@@ -45,18 +45,25 @@ class TargetStore:
         else:
             mpath.write_text(json.dumps({**manifest, "model": identity.get("name", "")}, indent=1) + "\n")
         self._index: dict[str, Path] = {}
+        self._answered: set[str] = set()
         self._open: dict[Path, object] = {}
         for shard in sorted(self.path.glob("shard-*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():
                     if name.endswith(".ids"):
                         self._index[name[:-4]] = shard
+                    elif name.endswith(".truth"):
+                        self._answered.add(name[:-6])
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def answered(self, key: str) -> bool:
+        """Whether the store holds a target for this prompt (not just the note that the model answered nothing)."""
+        return key in self._answered
 
     def get(self, key: str) -> Target | None:
         """The stored target (truth in fp16), or None where the model answered nothing."""
@@ -86,3 +93,4 @@ class TargetStore:
         tmp.rename(shard)
         for k in keys:
             self._index[k] = shard
+        self._answered |= {k[:-6] for k in tensors if k.endswith(".truth")}

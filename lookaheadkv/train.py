@@ -263,7 +263,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     store = TargetStore(targets_dir or out / "targets", la.model_identity(model), cfg.response_tokens)
     collection = collect_targets(model, tokenizer, prompt_ids, store, cfg.response_tokens, cfg.collect_batch_tokens,
                                  progress, cfg.collect_time_limit, cfg.seed)
-    answered = {k for k in set(keys) if k in store and store.get(k) is not None}
+    answered = {k for k in set(keys) if store.answered(k)}
     seen: set[str] = set()
     train_idx, val_idx = [], []
     for i, k in enumerate(keys):

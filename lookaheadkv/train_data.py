@@ -223,16 +223,15 @@ def _fewshot(i, rng, target, count):
     items = data.squad(SPLIT)
     q = items[rng.randrange(len(items))]
     final = f"Text: {q['context']}\nQuestion: {q['question']}\nAnswer:"
-    shots, total = [], count(final) + 20
-    while total < target:
+    shots, total, misses = [], count(final) + 20, 0
+    while total < target and misses < 20 and len(shots) < 200:
         ex = items[rng.randrange(len(items))]
-        if ex["title"] == q["title"]:
-            continue
         shot = f"Text: {ex['context']}\nQuestion: {ex['question']}\nAnswer: {ex['answers'][0]}"
+        if ex["title"] == q["title"] or total + count(shot) + 2 > target:  # never past the target length
+            misses += 1
+            continue
         shots.append(shot)
-        total += count(shot) + 2
-        if len(shots) > 200:
-            break
+        total, misses = total + count(shot) + 2, 0
     user = ("Answer each question with a short span from its text, as in the examples.\n\n"
             + "\n\n".join(shots) + "\n\n" + final)
     return TrainPrompt(f"fewshot:{q['id']}", "fewshot", "", "", [{"role": "user", "content": user}])

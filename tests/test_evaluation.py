@@ -17,7 +17,7 @@ from lookaheadkv import data
 from lookaheadkv.decode import Sampling
 from lookaheadkv.errors import LookaheadKVError
 from lookaheadkv.evaluation import metrics, runner
-from lookaheadkv.evaluation.report import write_report
+from lookaheadkv.evaluation.report import paired_table, write_report
 from lookaheadkv.evaluation.ruler import REPEAT
 from lookaheadkv.evaluation.tasks import TASKS, make_sample, resolve_tasks
 from lookaheadkv.generate import generate_ids
@@ -267,6 +267,19 @@ def test_report(tmp_path):
     m, ci = metrics.mean_ci([1.0, 0.0])
     assert f"| 2 | {m * 100:.1f} ± {ci * 100:.1f} |" in line
     assert (tmp_path / "rep" / "scores_by_family.png").stat().st_size > 1000
+
+
+def test_paired_differences_use_only_samples_both_methods_scored():
+    rows = []
+    scores = {"lookahead": [1.0, 1.0, 0.0, 1.0], "laq": [0.0, 1.0, 0.0, None]}  # laq lacks the 4th sample
+    for method, vals in scores.items():
+        for i, v in enumerate(vals):
+            if v is not None:
+                rows.append(dict(model="m", task="niah_single_1", family="ruler", length=520, sample=f"x-{i}",
+                                 mode="aware", method=method, budget=64, score=v))
+    line = next(x for x in paired_table(rows, "lookahead").splitlines() if "| laq |" in x)
+    m, ci = metrics.mean_ci([1.0, 0.0, 0.0])
+    assert f"| laq | 3 | {m * 100:+.1f} ± {ci * 100:.1f} |" in line
 
 
 def test_bad_input_is_one_line_error(model, tmp_path):

@@ -86,6 +86,18 @@ def test_the_store_survives_another_batch_size_order_and_subset(tmp_path):
     assert stats["prompts"] == 2 and len(TargetStore(tmp_path, ident, 5)) == 8
 
 
+def test_the_store_remembers_a_prompt_the_model_answered_nothing_to(tmp_path):
+    model = tiny_model()
+    ids = prompts(2, seed=4)
+    t = collect_batch(model, ids[:1], 3, set())[0]
+    store = TargetStore(tmp_path, la.model_identity(model), 3)
+    store.put([(prompt_key(ids[0]), ids[0], t), (prompt_key(ids[1]), ids[1], None)])
+    again = TargetStore(tmp_path, la.model_identity(model), 3)
+    k0, k1 = prompt_key(ids[0]), prompt_key(ids[1])
+    assert k1 in again and not again.answered(k1) and again.get(k1) is None
+    assert again.answered(k0) and torch.equal(again.get(k0).response, t.response)
+
+
 def test_the_store_refuses_another_model_or_response_cap(tmp_path):
     TargetStore(tmp_path, la.model_identity(tiny_model()), 5)
     with pytest.raises(LookaheadKVError, match="response cap of 5"):

@@ -2,9 +2,10 @@
 # GPU side of the training issue (11): on one H200, in one lease, everything that needs the GPU, in stages that
 # each leave a .done marker (a rerun skips what is done), run as a background job that outlives the calls:
 #   1 bench     the trainer's benchmark (collection and training throughput, target forms) -> results/train/
-#   2 targets   responses + true importance for the 24K training prompts (cap 512), and cap 256 for the subset
-#   3 sweep     learning rate on the subset (N_ABL prompts, one epoch), in parallel; the best by validation
-#               recall@64 is used below (and is the ablations' baseline)
+#   2 targets   responses + true importance for the 24K training prompts (cap CAP=512), and cap CAP2=256 for
+#               the subset (the first N_ABL prompts)
+#   3 sweep     learning rate on the subset (one epoch), in parallel; the best by validation recall@64 is used
+#               below (and is the ablations' baseline)
 #   4 main      the module on all prompts (EPOCHS epochs) and, beside it, the ablations on the subset
 #   5 recall    importance recall and F1 on 200 held-out TEST-split prompts (scripts/lookahead_eval.py), for the
 #               module in fp32 and in bf16 (shipped if equal)
@@ -12,54 +13,77 @@
 #               do not depend on it and are kept)
 # Staging (CPU side first: scripts/gpu/stage.sh), then calls of the device tool, each within 30 s of the last:
 #   call 1: carry [".whl", ".gpu/smollm2.part0", ".gpu/prompts_24k.safetensors.xz"],
-#           command `source scripts/gpu/device_setup.sh; echo staged`
+#           command `source scripts/gpu/device_setup.sh`
 #   call 2: carry [".whl", ".gpu/smollm2.part1", ".gpu/eval_samples_4k.jsonl.gz", ".gpu/heldout_200.json",
-#                  ".gpu/prompts_bench.safetensors.xz"], command `source scripts/gpu/device_setup.sh; echo staged`
+#                  ".gpu/prompts_bench.safetensors.xz"], command `source scripts/gpu/device_setup.sh`
 #   call 3: carry [".whl", ".gpu/smollm2.part2", ".gpu/eval_samples_8k.jsonl.gz"],
 #           command `source scripts/gpu/device_setup.sh; setsid nohup bash scripts/gpu/train_smollm2.sh \
-#                    > /tmp/lkv/pipeline.log 2>&1 < /dev/null & sleep 540; bash scripts/gpu/collect_out.sh`
-#   later calls: `sleep 560; bash scripts/gpu/collect_out.sh` (the job goes on while the machine is held),
-#   and when it has finished, `bash scripts/gpu/collect_out.sh` once more: $OUT gets what is done so far.
+#                    > /tmp/lkv/pipeline.log 2>&1 < /dev/null & bash scripts/gpu/wait_for.sh bench 300`
+#   later calls: `bash scripts/gpu/wait_for.sh STAGE SECONDS` (the job goes on while the machine is held); it
+#   shows the log and puts what is done so far into $OUT. Knobs for later stages can be changed on the way:
+#   `echo EPOCHS=2 >> /tmp/lkv/knobs.env` (read when a stage starts).
+# Knobs (environment): N_MAIN, N_ABL, EPOCHS, BS, LRS, ABLATIONS, MAIN_LIMIT, CAP, CAP2, and for a rehearsal on
+# the CPU with a small prompt file: DEVICE=cpu P=... BENCH_P=... RECALL_N=... EVAL_N=... (LKV_DIR: the folder).
 set -uo pipefail
-source scripts/gpu/device_setup.sh
-W=/tmp/lkv/work R=/tmp/lkv/results P=/tmp/lkv/prompts_24k.safetensors
-mkdir -p "$W" "$R"
+source scripts/gpu/device_setup.sh > /dev/null
+D=${LKV_DIR:-/tmp/lkv} DEVICE=${DEVICE:-cuda}
+W=$D/work R=$D/results P=${P:-$D/prompts_24k.safetensors} BENCH_P=${BENCH_P:-$D/prompts_bench.safetensors}
+# The target stores (~30 GB of fp16 truth for the 24K prompts) go to shared memory when it has room: no disk in
+# the way of the collection's writes, and the parallel runs read one copy.
+T=$W
+avail=$(df --output=avail -k /dev/shm 2>/dev/null | tail -1)
+[ -n "$avail" ] && [ "$avail" -gt 50000000 ] && T=/dev/shm/lkv
+mkdir -p "$W" "$R" "$T"
+df -h /tmp /dev/shm > "$R/disk.txt"
 export TQDM_MININTERVAL=15
-N_MAIN=${N_MAIN:-24000} N_ABL=${N_ABL:-6000} EPOCHS=${EPOCHS:-2} BS=${BS:-16} LRS=${LRS:-1e-3 3e-3 1e-2}
-ABLATIONS=${ABLATIONS:-"rank0:--rank 0|n8:--n 8|n64:--n 64|rank16:--rank 16|cap256:--response-tokens 256"}
+N_MAIN=${N_MAIN:-24000} N_ABL=${N_ABL:-4000} EPOCHS=${EPOCHS:-1} BS=${BS:-16} LRS=${LRS:-1e-3 3e-3 1e-2}
+RECALL_N=${RECALL_N:-200} EVAL_N=${EVAL_N:-50} CAP=${CAP:-512} CAP2=${CAP2:-256} BENCH_CAP=${BENCH_CAP:-256}
+# name:options, on the subset at the sweep's best lr; "cap" trains on the CAP2-token response targets
+ABLATIONS=${ABLATIONS:-"rank0:--rank 0|n8:--n 8|n64:--n 64|rank16:--rank 16|cap:--response-tokens $CAP2"}
 lkv() { python3 -c "from lookaheadkv.cli import main; main()" "$@"; }
-stage() { [ -f "$R/$1.done" ] && { echo "== $1 done before"; return 1; }; echo "== $1 $(date -u +%T)"; }
+logrun() {  # logrun LOG CMD...: CMD's output to LOG, its end (progress bars thinned) shown, its exit code kept
+  local log=$1; shift
+  "$@" > "$log" 2>&1
+  local rc=$?
+  tr '\r' '\n' < "$log" | grep -v "/s\]$" | tail -n 25
+  return $rc
+}
+# A stage starts by reading $D/knobs.env (if a call has written one since: knobs set after seeing the bench).
+stage() {
+  [ -f "$R/$1.done" ] && { echo "== $1 done before"; return 1; }
+  # shellcheck disable=SC1091
+  [ -f "$D/knobs.env" ] && source "$D/knobs.env"
+  echo "== $1 $(date -u +%T) N_MAIN=$N_MAIN N_ABL=$N_ABL EPOCHS=$EPOCHS BS=$BS"
+}
 done_() { touch "$R/$1.done"; echo "== $1 finished $(date -u +%T)"; }
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$R/gpu.txt"
+run() {  # run NAME ARGS...: one training run into $W/NAME, its log to $R/NAME.log, its train_log.json to $R
+  local name=$1; shift
+  lkv train --device "$DEVICE" --prompts "$P" --out "$W/$name" --checkpoint-every 500 "$@" > "$R/$name.log" 2>&1
+  tr '\r' '\n' < "$R/$name.log" | grep -v "/s\]$" | tail -n 3 | sed "s/^/[$name] /"
+  cp "$W/$name/train_log.json" "$R/$name.train_log.json" 2>/dev/null
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader > "$R/gpu.txt" 2>&1
 
 if stage bench; then
-  lkv bench-train --device cuda --prompts /tmp/lkv/prompts_bench.safetensors --samples "${BENCH_SAMPLES:-2048}" \
-    --response-tokens 256 --batch-size 16 --steps 60 --generate-batches 256 --generate-share 0.125 \
-    --out "$R/bench" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -40 && done_ bench
+  logrun "$R/bench.log" lkv bench-train --device "$DEVICE" --prompts "$BENCH_P" --samples "${BENCH_SAMPLES:-2048}" \
+    --response-tokens "$BENCH_CAP" --batch-size 16 --steps "${BENCH_STEPS:-60}" --generate-batches "${GEN_BATCHES-256}" \
+    --generate-share 0.125 --out "$R/bench" && done_ bench
 fi
 
 if stage targets; then
-  lkv targets --device cuda --prompts "$P" --samples "$N_MAIN" --targets "$W/t512" --response-tokens 512 \
-    2>&1 | tr '\r' '\n' | tee "$R/targets512.log" | grep -v "prompt/s\]$" | tail -25
-  lkv targets --device cuda --prompts "$P" --samples "$N_ABL" --targets "$W/t256" --response-tokens 256 \
-    2>&1 | tr '\r' '\n' | tee "$R/targets256.log" | grep -v "prompt/s\]$" | tail -25
-  done_ targets
+  logrun "$R/targets$CAP.log" lkv targets --device "$DEVICE" --prompts "$P" --samples "$N_MAIN" --targets "$T/t$CAP" \
+    --response-tokens "$CAP" \
+  && logrun "$R/targets$CAP2.log" lkv targets --device "$DEVICE" --prompts "$P" --samples "$N_ABL" \
+    --targets "$T/t$CAP2" --response-tokens "$CAP2" && done_ targets
 fi
-
-run() {  # run NAME ARGS...: one training run into $W/NAME, its log to $R/NAME.log
-  local name=$1; shift
-  lkv train --device cuda --prompts "$P" --out "$W/$name" --checkpoint-every 500 "$@" 2>&1 | tr '\r' '\n' \
-    | grep -v "step/s\]$\|s/step\]$" > "$R/$name.log"
-  cp "$W/$name/train_log.json" "$R/$name.train_log.json" 2>/dev/null
-}
 
 if stage sweep; then
   for lr in $LRS; do
-    run "sweep_lr$lr" --samples "$N_ABL" --targets "$W/t512" --response-tokens 512 --epochs 1 --batch-size "$BS" \
+    run "sweep_lr$lr" --samples "$N_ABL" --targets "$T/t$CAP" --response-tokens "$CAP" --epochs 1 --batch-size "$BS" \
       --lr "$lr" &
   done
   wait
-  done_ sweep
+  ls "$R"/sweep_lr*.train_log.json > /dev/null 2>&1 && done_ sweep
 fi
 BEST=$(python3 - "$R" <<'EOF'
 import json, pathlib, sys
@@ -71,62 +95,74 @@ EOF
 echo "best lr: $BEST" | tee "$R/best_lr.txt"
 
 if stage main; then
-  run main --samples "$N_MAIN" --targets "$W/t512" --response-tokens 512 --epochs "$EPOCHS" --batch-size "$BS" \
+  run main --samples "$N_MAIN" --targets "$T/t$CAP" --response-tokens "$CAP" --epochs "$EPOCHS" --batch-size "$BS" \
     --lr "$BEST" --time-limit "${MAIN_LIMIT:-900}" &
   IFS='|' read -ra abl <<< "$ABLATIONS"
   for a in "${abl[@]}"; do
     name=${a%%:*} args=${a#*:}
-    store="$W/t512"; [[ $args == *"--response-tokens 256"* ]] && store="$W/t256"
+    store="$T/t$CAP" cap="--response-tokens $CAP"
+    [[ $args == *"--response-tokens"* ]] && store="$T/t$CAP2" cap=""
     # shellcheck disable=SC2086
-    run "abl_$name" --samples "$N_ABL" --targets "$store" --epochs 1 --batch-size "$BS" --lr "$BEST" \
-      $([[ $args == *"--response-tokens"* ]] || echo "--response-tokens 512") $args &
+    run "abl_$name" --samples "$N_ABL" --targets "$store" --epochs 1 --batch-size "$BS" --lr "$BEST" $cap $args &
   done
   wait
   [ -f "$W/main/lookahead.json" ] && done_ main
 fi
 
 M=$W/main
-if [ -f "$M/lookahead.json" ] && stage recall; then
-  python3 - "$M" "$W/main_bf16" <<'EOF'
+if [ -f "$M/lookahead.json" ] && [ ! -f "$W/main_bf16/lookahead.json" ]; then
+  python3 - "$M" "$W/main_bf16" "$DEVICE" <<'EOF'
 import sys, torch
 from lookaheadkv import lookahead as la
 from lookaheadkv.models import load_model
-model, _ = load_model("smollm2-135m-instruct", device="cuda")
+model, _ = load_model("smollm2-135m-instruct", device=sys.argv[3])
 mod = la.load(model, sys.argv[1])
 la.save(model, mod, sys.argv[2], training=mod.meta.get("training"), dtype=torch.bfloat16)
 EOF
   cp "$M/train_log.json" "$W/main_bf16/"
-  common=(--model smollm2-135m-instruct --samples 200 --min-tokens 1000 --max-tokens 3000 --budgets 32,64,128,256
-          --response-tokens 96 --answer-tokens 32 --batch-size 20 --device cuda --samples-file /tmp/lkv/heldout_200.json)
-  python3 scripts/lookahead_eval.py "${common[@]}" --module "$M" --targets "$W/t512" --prompts "$P" \
-    --methods lookahead,snapkv,pyramidkv,h2o,streamingllm --f1-methods lookahead,snapkv --f1-budgets 64,128 \
-    --out "$R/recall" 2>&1 | tr '\r' '\n' | grep -v "batch/s\]$" | tail -30
-  python3 scripts/lookahead_eval.py "${common[@]}" --module "$W/main_bf16" --methods lookahead --f1-methods lookahead \
-    --f1-budgets 64,128 --out "$R/recall_bf16" 2>&1 | tr '\r' '\n' | grep -v "batch/s\]$" | tail -12
-  done_ recall
+fi
+if [ -f "$W/main_bf16/lookahead.json" ]; then
+  # the evaluation finds it as the default model's module, by identity (in this copy of the tree only)
+  rm -rf lookaheadkv/modules/smollm2-135m-instruct && cp -r "$W/main_bf16" lookaheadkv/modules/smollm2-135m-instruct
 fi
 
+# 6, in the background beside 5 (the GPU has room for both)
 if [ -f "$W/main_bf16/lookahead.json" ] && stage eval; then
-  EVAL_OUT=$R/eval
-  mkdir -p "$EVAL_OUT"
-  S=$(ls /tmp/lkv/eval_samples_*.jsonl.gz | paste -sd,)
-  timeout "${EVAL_SECONDS:-600}" python3 - "$S" "$EVAL_OUT" "$W/main_bf16" <<'EOF' 2>&1 | tr '\r' '\n' | grep -v "row/s\]$" | tail -20
+  mkdir -p "$R/eval"
+  S=$(ls "$D"/eval_samples_*.jsonl.gz | paste -sd,)
+  ( logrun "$R/eval.log" timeout "${EVAL_SECONDS:-600}" python3 - "$S" "$R/eval" "$DEVICE" "$EVAL_N" <<'EOF'
 import sys, time, torch
 from lookaheadkv.evaluation import runner
 from lookaheadkv.methods import parse_methods
 from lookaheadkv.models import load_model
 samples = {k: v for f in sys.argv[1].split(",") for k, v in runner.load_samples(f).items()}
-out, module = sys.argv[2], sys.argv[3]
-model, tok = load_model("smollm2-135m-instruct", device="cuda", dtype=torch.float32)
-methods = parse_methods(f"lookahead:module={module}")
-for length, tasks, name in ((4096, "ruler,qa", "smollm2_4k"), (8192, "ruler", "smollm2_8k"),
-                            (4096, "fidelity", "smollm2_fidelity_4k")):
+out, device, n = sys.argv[2], sys.argv[3], int(sys.argv[4])
+model, tok = load_model("smollm2-135m-instruct", device=device, dtype=torch.float32)
+methods = parse_methods("lookahead")  # the new module, shipped in this copy of the tree (above)
+# RULER 4K first (the issue's targets); 8K: the 25 samples a task that the other methods have rows for
+for length, tasks, name, k in ((4096, "ruler,qa", "smollm2_4k", n), (8192, "ruler", "smollm2_8k", min(n, 25)),
+                               (4096, "fidelity", "smollm2_fidelity_4k", n)):
     t = time.perf_counter()
-    rows = runner.run_eval(model, tok, tasks, methods, [32, 64, 128, 256, 512], 50, length, f"{out}/{name}.jsonl",
+    rows = runner.run_eval(model, tok, tasks, methods, [32, 64, 128, 256, 512], k, length, f"{out}/{name}.jsonl",
                            model_name="smollm2-135m-instruct", batch=50, samples=samples)
     print(f"{name}: {len(rows)} rows in {time.perf_counter() - t:.0f} s", flush=True)
 EOF
-  gzip -f "$EVAL_OUT"/*.jsonl
-  done_ eval
+    rc=$?
+    gzip -f "$R"/eval/*.jsonl
+    [ $rc = 0 ] && done_ eval ) &
 fi
+
+if [ -f "$W/main_bf16/lookahead.json" ] && stage recall; then
+  head=$D/heldout_200.json
+  [ "$RECALL_N" = 200 ] || head=$W/heldout_$RECALL_N.json
+  common=(--model smollm2-135m-instruct --samples "$RECALL_N" --min-tokens 1000 --max-tokens 3000
+          --budgets 32,64,128,256 --response-tokens 96 --answer-tokens 32 --batch-size 20 --device "$DEVICE"
+          --samples-file "$head")
+  logrun "$R/recall.log" python3 scripts/lookahead_eval.py "${common[@]}" --module "$M" --targets "$T/t$CAP" \
+    --target-tokens "$CAP" --prompts "$P" --val-max 64 --methods lookahead,snapkv,pyramidkv,h2o,streamingllm \
+    --f1-methods lookahead,snapkv --f1-budgets 64,128 --out "$R/recall" \
+  && logrun "$R/recall_bf16.log" python3 scripts/lookahead_eval.py "${common[@]}" --module "$W/main_bf16" \
+    --methods lookahead --f1-methods lookahead --f1-budgets 64,128 --out "$R/recall_bf16" && done_ recall
+fi
+wait
 echo "== pipeline finished $(date -u +%T)"
