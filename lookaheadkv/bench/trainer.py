@@ -4,7 +4,8 @@
 
 1. Collection (lookaheadkv.collect) on fresh prompts of the training families: prompts/s, response tokens/s,
    peak memory; beside it, plain `model.generate` (greedy, left-padded batches, dynamic and static cache) on a
-   share of the same prompts, which makes the responses alone (no importance), as the reference point.
+   share of the same prompts, which makes the responses alone (no importance), as the reference point: a dynamic
+   cache, a static one, and a static one compiled (transformers' own choice for a static cache on a GPU).
 2. Training steps (train.batch_loss + AdamW) at --batch-size on those targets: steps/s, prompts/s, peak memory.
 3. The target's form: the loss of one predictor against the fp32 truth and against the truth as stored (fp16,
    bf16) or cut to its top-k entries per head (the rest spread evenly), over the same prompts.
@@ -56,23 +57,31 @@ def bench_collect(model, tok, ids: list[torch.Tensor], cap: int, batch_tokens: i
     return out, targets
 
 
-def bench_generate(model, tok, ids: list[torch.Tensor], cap: int, batch: int, static: bool) -> dict:
-    """Plain transformers greedy generation of the same prompts (responses only), batches of `batch`."""
+GENERATE_VARIANTS = {"dynamic": {}, "static": {"cache_implementation": "static", "disable_compile": True},
+                     "static+compile": {"cache_implementation": "static"}}  # transformers compiles a static cache
+
+
+def bench_generate(model, tok, ids: list[torch.Tensor], cap: int, batch: int, variant: str) -> dict:
+    """Plain transformers greedy generation of the same prompts (responses only), batches of `batch`; the
+    warm-up (and a compilation) is left out of the time. A variant that fails is reported, not raised."""
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    kw = dict(max_new_tokens=cap, do_sample=False, pad_token_id=tok.pad_token_id,
-              **({"cache_implementation": "static"} if static else {}))
-    x, m = left_pad([ids[i] for i in order[:batch]], tok.pad_token_id)
-    model.generate(input_ids=x.to(device), attention_mask=m.long().to(device), **{**kw, "max_new_tokens": 4})
-    clock = Clock(device)
-    new = 0
-    for k in range(0, len(order), batch):
-        x, m = left_pad([ids[i] for i in order[k:k + batch]], tok.pad_token_id)
-        got = model.generate(input_ids=x.to(device), attention_mask=m.long().to(device), **kw)
-        new += int((got[:, x.shape[1]:] != tok.pad_token_id).sum())
-    s = clock.lap()
-    return {"prompts": len(ids), "batch": batch, "static_cache": static, "seconds": s,
-            "prompts_per_s": len(ids) / s, "new_tokens_per_s": new / s}
+    kw = dict(max_new_tokens=cap, do_sample=False, pad_token_id=tok.pad_token_id, **GENERATE_VARIANTS[variant])
+    out = {"prompts": len(ids), "batch": batch, "variant": variant}
+    try:
+        clock = Clock(device)
+        x, m = left_pad([ids[i] for i in order[:batch]], tok.pad_token_id)
+        model.generate(input_ids=x.to(device), attention_mask=m.long().to(device), **{**kw, "max_new_tokens": 8})
+        out["warmup_seconds"] = clock.lap()
+        new = 0
+        for k in range(0, len(order), batch):
+            x, m = left_pad([ids[i] for i in order[k:k + batch]], tok.pad_token_id)
+            got = model.generate(input_ids=x.to(device), attention_mask=m.long().to(device), **kw)
+            new += int((got[:, x.shape[1]:] != tok.pad_token_id).sum())
+        s = clock.lap()
+    except Exception as e:  # e.g. a compiler that cannot trace this model: the other variants still count
+        return {**out, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    return {**out, "seconds": s, "prompts_per_s": len(ids) / s, "new_tokens_per_s": new / s}
 
 
 def bench_steps(model, targets: list, batch: int, steps: int, warmup: int = 3) -> tuple[dict, la.LookaheadModule]:
@@ -154,9 +163,12 @@ def markdown(res: dict) -> str:
              f"{c['response_tokens_per_s']:.0f} | {c['response_tokens_mean']:.1f} | {c['seconds']:.1f} | "
              f"{c.get('peak_gib', float('nan')):.1f} |"]
     for g in res.get("generate", []):
-        cache = "static" if g["static_cache"] else "dynamic"
-        lines.append(f"| model.generate, batch {g['batch']}, {cache} cache (responses only, {g['prompts']} prompts) "
-                     f"| {g['prompts_per_s']:.1f} | {g['new_tokens_per_s']:.0f} | | {g['seconds']:.1f} | |")
+        what = f"| model.generate, batch {g['batch']}, {g['variant']} cache (responses only, {g['prompts']} prompts)"
+        if "error" in g:
+            lines.append(f"{what} | failed: {g['error']} | | | | |")
+        else:
+            lines.append(f"{what} | {g['prompts_per_s']:.1f} | {g['new_tokens_per_s']:.0f} | | {g['seconds']:.1f} "
+                         f"(+ {g['warmup_seconds']:.1f} warm-up) | |")
     lines += ["", "| training | steps/s | prompts/s | mean prompt tokens | peak GiB |", "|---|---|---|---|---|",
               f"| batch {s['batch']}, {s['steps']} steps | {s['steps_per_s']:.2f} | {s['prompts_per_s']:.1f} | "
               f"{s['prompt_tokens_mean']:.0f} | {s.get('peak_gib', float('nan')):.1f} |", "",
@@ -202,8 +214,8 @@ def bench_train(model_name, device, samples, min_tokens, max_tokens, response_to
     res["generate"] = []
     share = ids[: max(1, int(len(ids) * generate_share))]
     for b in [int(x) for x in generate_batches.split(",") if x.strip()]:
-        for static in (False, True):
-            res["generate"].append(bench_generate(model, tok, share, response_tokens, b, static))
+        for variant in GENERATE_VARIANTS:
+            res["generate"].append(bench_generate(model, tok, share, response_tokens, b, variant))
             click.echo(json.dumps(res["generate"][-1]), err=True)
     res["training"], mod = bench_steps(model, targets, batch_size, steps)
     res["forms"] = bench_forms(model, mod, targets)
