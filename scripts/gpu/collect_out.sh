@@ -4,7 +4,11 @@
 # bf16), eval.tar (the evaluation rows). Prints the pipeline's progress.
 R=/tmp/lkv/results W=/tmp/lkv/work OUT=${OUT:-/tmp/lkv/out}
 mkdir -p "$OUT"
-tr '\r' '\n' < /tmp/lkv/pipeline.log | grep -v "prompt/s\]$\|step/s\]$\|batch/s\]$\|row/s\]$" | tail -n "${LINES_SHOWN:-40}"
+tr '\r' '\n' < /tmp/lkv/pipeline.log | awk '/%\|/ { last = $0; next } { print } END { if (last) print last }' \
+  | tail -n "${LINES_SHOWN:-40}"
+for f in "$R"/*.log; do  # the newest progress line of every log still being written
+  [ -f "$f" ] && [ "$(find "$f" -mmin -1)" ] && echo "$(basename "$f"): $(tr '\r' '\n' < "$f" | grep '%|' | tail -1)"
+done
 ls "$R"/*.done 2>/dev/null | xargs -n1 basename 2>/dev/null | paste -sd' '
 tar cf "$OUT/results.tar" -C /tmp/lkv --exclude=results/eval results 2>/dev/null
 [ -f "$W/main_bf16/lookahead.json" ] && tar cf "$OUT/module.tar" -C "$W" --exclude=targets --exclude=checkpoint main main_bf16

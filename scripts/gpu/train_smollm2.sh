@@ -17,8 +17,10 @@
 #   call 2: carry [".whl", ".gpu/smollm2.part1", ".gpu/eval_samples_4k.jsonl.gz", ".gpu/heldout_200.json",
 #                  ".gpu/prompts_bench.safetensors.xz"], command `source scripts/gpu/device_setup.sh`
 #   call 3: carry [".whl", ".gpu/smollm2.part2", ".gpu/eval_samples_8k.jsonl.gz"],
-#           command `source scripts/gpu/device_setup.sh; setsid nohup bash scripts/gpu/train_smollm2.sh \
-#                    > /tmp/lkv/pipeline.log 2>&1 < /dev/null & bash scripts/gpu/wait_for.sh bench 300`
+#           command `source scripts/gpu/device_setup.sh; cp scripts/gpu/train_smollm2.sh /tmp/lkv/pipeline.sh;
+#                    setsid nohup bash /tmp/lkv/pipeline.sh > /tmp/lkv/pipeline.log 2>&1 < /dev/null &
+#                    bash scripts/gpu/wait_for.sh bench 300`
+#           (a copy runs: each call lays the tree anew, and bash reads a script as it goes)
 #   later calls: `bash scripts/gpu/wait_for.sh STAGE SECONDS` (the job goes on while the machine is held); it
 #   shows the log and puts what is done so far into $OUT. Knobs for later stages can be changed on the way:
 #   `echo EPOCHS=2 >> /tmp/lkv/knobs.env` (read when a stage starts).
@@ -39,13 +41,14 @@ export TQDM_MININTERVAL=15
 N_MAIN=${N_MAIN:-24000} N_ABL=${N_ABL:-4000} EPOCHS=${EPOCHS:-1} BS=${BS:-16} LRS=${LRS:-1e-3 3e-3 1e-2}
 RECALL_N=${RECALL_N:-200} EVAL_N=${EVAL_N:-50} CAP=${CAP:-512} CAP2=${CAP2:-256} BENCH_CAP=${BENCH_CAP:-256}
 # name:options, on the subset at the sweep's best lr; "cap" trains on the CAP2-token response targets
-ABLATIONS=${ABLATIONS:-"rank0:--rank 0|n8:--n 8|n64:--n 64|rank16:--rank 16|cap:--response-tokens $CAP2"}
+ABLATIONS=${ABLATIONS:-"rank0:--rank 0|n8:--n 8|n16:--n 16|n64:--n 64|rank4:--rank 4|rank16:--rank 16|cap:--response-tokens $CAP2"}
 lkv() { python3 -c "from lookaheadkv.cli import main; main()" "$@"; }
+bars() { tr '\r' '\n' | awk '/%\|/ { last = $0; next } { print } END { if (last) print last }'; }  # one bar line
 logrun() {  # logrun LOG CMD...: CMD's output to LOG, its end (progress bars thinned) shown, its exit code kept
   local log=$1; shift
   "$@" > "$log" 2>&1
   local rc=$?
-  tr '\r' '\n' < "$log" | grep -v "/s\]$" | tail -n 25
+  bars < "$log" | tail -n 25
   return $rc
 }
 # A stage starts by reading $D/knobs.env (if a call has written one since: knobs set after seeing the bench).
@@ -59,7 +62,7 @@ done_() { touch "$R/$1.done"; echo "== $1 finished $(date -u +%T)"; }
 run() {  # run NAME ARGS...: one training run into $W/NAME, its log to $R/NAME.log, its train_log.json to $R
   local name=$1; shift
   lkv train --device "$DEVICE" --prompts "$P" --out "$W/$name" --checkpoint-every 500 "$@" > "$R/$name.log" 2>&1
-  tr '\r' '\n' < "$R/$name.log" | grep -v "/s\]$" | tail -n 3 | sed "s/^/[$name] /"
+  bars < "$R/$name.log" | tail -n 3 | sed "s/^/[$name] /"
   cp "$W/$name/train_log.json" "$R/$name.train_log.json" 2>/dev/null
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader > "$R/gpu.txt" 2>&1
@@ -121,24 +124,21 @@ la.save(model, mod, sys.argv[2], training=mod.meta.get("training"), dtype=torch.
 EOF
   cp "$M/train_log.json" "$W/main_bf16/"
 fi
-if [ -f "$W/main_bf16/lookahead.json" ]; then
-  # the evaluation finds it as the default model's module, by identity (in this copy of the tree only)
-  rm -rf lookaheadkv/modules/smollm2-135m-instruct && cp -r "$W/main_bf16" lookaheadkv/modules/smollm2-135m-instruct
-fi
 
 # 6, in the background beside 5 (the GPU has room for both)
 if [ -f "$W/main_bf16/lookahead.json" ] && stage eval; then
   mkdir -p "$R/eval"
   S=$(ls "$D"/eval_samples_*.jsonl.gz | paste -sd,)
-  ( logrun "$R/eval.log" timeout "${EVAL_SECONDS:-600}" python3 - "$S" "$R/eval" "$DEVICE" "$EVAL_N" <<'EOF'
+  ( logrun "$R/eval.log" timeout "${EVAL_SECONDS:-600}" python3 - "$S" "$R/eval" "$DEVICE" "$EVAL_N" \
+      "$W/main_bf16" <<'EOF'
 import sys, time, torch
 from lookaheadkv.evaluation import runner
-from lookaheadkv.methods import parse_methods
+from lookaheadkv.methods import get_method
 from lookaheadkv.models import load_model
 samples = {k: v for f in sys.argv[1].split(",") for k, v in runner.load_samples(f).items()}
 out, device, n = sys.argv[2], sys.argv[3], int(sys.argv[4])
 model, tok = load_model("smollm2-135m-instruct", device=device, dtype=torch.float32)
-methods = parse_methods("lookahead")  # the new module, shipped in this copy of the tree (above)
+methods = {"lookahead": get_method("lookahead", module=sys.argv[5])}  # the new module, in bf16 as it is shipped
 # RULER 4K first (the issue's targets); 8K: the 25 samples a task that the other methods have rows for
 for length, tasks, name, k in ((4096, "ruler,qa", "smollm2_4k", n), (8192, "ruler", "smollm2_8k", min(n, 25)),
                                (4096, "fidelity", "smollm2_fidelity_4k", n)):
