@@ -22,11 +22,11 @@ from .errors import LookaheadKVError
 # Cache layer types we evict: what transformers builds for them is a plain or a sliding-window layer.
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 _WHY = {
-    "chunked_attention": "attention in fixed chunks (a chunk boundary is not a sliding window)",
-    "linear_attention": "linear-attention (recurrent state) layers hold no per-token entries to evict",
-    "conv": "convolution-state layers hold no per-token entries to evict",
-    "hybrid": "hybrid recurrent/attention layers",
-    "hybrid_sliding": "hybrid recurrent/attention layers",
+    "chunked_attention": "attention in fixed chunks, not a sliding window",
+    "linear_attention": "a recurrent state, no per-token entries to evict",
+    "conv": "a convolution state, no per-token entries to evict",
+    "hybrid": "recurrent and attention state in one layer",
+    "hybrid_sliding": "recurrent and attention state in one layer",
     "dummy": "layers that share another layer's KV cache",
 }
 
@@ -118,11 +118,11 @@ def unsupported(model) -> str | None:
     cfg = model.config
     if getattr(cfg, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported (decoder-only models are)"
-    if not getattr(model, "_supports_attention_backend", False):
-        return "its attention does not go through transformers' attention-function registry"
     for t in layer_types(cfg):
         if t not in SUPPORTED_LAYER_TYPES:
-            return f"its {t} layers are not supported: {_WHY.get(t, 'not a plain or sliding-window attention layer')}"
+            return f"it has {t} layers ({_WHY.get(t, 'not a plain or sliding-window attention layer')})"
+    if not getattr(model, "_supports_attention_backend", False):
+        return "its attention does not go through transformers' attention-function registry"
     try:
         decoder_layers(model)
     except LookaheadKVError as e:
