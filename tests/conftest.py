@@ -27,3 +27,19 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, length - len(p):] = p
         mask[i, length - len(p):] = 1
     return ids, mask
+
+
+def tiny_tokenizer(vocab: int = 128):
+    """A word-level tokenizer for the tiny models: ids 0-3 are <pad> <s> </s> <unk>, id i >= 4 the word "w{i}",
+    with a minimal chat template, so pipelines, streamers and chat messages run without any download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab)}}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", padding_side="left")
+    tok.chat_template = "{% for m in messages %}w4 {{ m['content'] }} w5 {% endfor %}w6"
+    return tok
