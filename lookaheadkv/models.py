@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import attention
+from .architectures import check
 from .errors import LookaheadKVError
 from .pypi import fetch_members, home
 
@@ -152,6 +153,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: to
         raise LookaheadKVError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.enable_progress_bar()
+    check(model)  # refused here, with one line, if eviction cannot serve this architecture exactly
     model = attention.install(model).to(device).eval()
     model.name_or_path = name_or_path
     if tok.pad_token_id is None:

@@ -124,6 +124,38 @@ def test_decoding_after_eviction_is_at_the_original_positions(arch, budget):
     assert ours != hf_greedy(plain, ids[:, -budget:], 16)[0, budget:].tolist()
 
 
+def test_a_sliding_layer_lets_any_kept_entries_expire_at_their_own_positions():
+    """One sliding layer, one KV head: whatever SnapKV keeps inside the window, decoding equals the full model
+    with the other slots hidden, the window moving past the kept entries one by one."""
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("mistral", **dict(BASE, num_hidden_layers=1, num_key_value_heads=1),
+                               sliding_window=WINDOW)
+    model = AutoModelForCausalLM.from_config(cfg).double().eval()
+    ids = prompt(seed=4)
+    with evicting(model, "snapkv", budget=6, window=2, kernel=1) as ev:
+        ours = hf_greedy(model, ids, 16)[0, 40:].tolist()
+    kept = ev.last.kept[0][0, 0]
+    assert kept.min() >= 40 - (WINDOW - 1) and len(kept) == 6 and kept.tolist() != list(range(34, 40))
+    assert ours == masked_reference(model, ids, kept, 16)
+
+
+def test_each_kv_head_of_a_sliding_layer_sees_its_own_entries_inside_the_window():
+    from lookaheadkv.cache import EvictableLayer
+
+    layer = EvictableLayer(sliding_window=4)
+    layer.append(torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8), torch.arange(6)[None])
+    layer.keep(torch.tensor([[[3, 5], [4, 5]]]))  # head 0 keeps positions 3 and 5, head 1 keeps 4 and 5
+    layer.seal(padded=False)
+    layer.append(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), torch.tensor([[6]]))
+    # row at position 6 sees positions > 2: head 0 (query heads 0, 1) sees 3, 5, 6; head 1 sees 4, 5, 6
+    assert layer.mask(n_heads=4)[0, :, 0].tolist() == [[True, True, True]] * 2 + [[True, True, True]] * 2
+    layer.append(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), torch.tensor([[7]]))
+    # at position 7 the window starts at 4: head 0 has lost position 3, head 1 still sees 4
+    assert layer.mask(n_heads=4)[0, :, 0].tolist() == [[False, True, True, True]] * 2 + [[True, True, True, True]] * 2
+    assert layer.keys.shape[-2] == 3  # trimmed back to window - 1 entries after the call
+    assert layer.positions[0].tolist() == [[5, 6, 7], [5, 6, 7]]
+
+
 def test_a_left_padded_batch_equals_single_runs(arch):
     name, model, _ = arch
     g = torch.Generator().manual_seed(3)
