@@ -23,7 +23,7 @@ def smollm2():
 
 
 def context(chars: int = 1000, fact: str = "The access code for the archive room is 482913.") -> str:
-    return document(fact)[:chars]
+    return document(fact, depth=0.04)[:chars]  # the fact within the first ~500 characters
 
 
 def encode(tok, ctx: str) -> torch.Tensor:
