@@ -18,6 +18,8 @@ Two forward hooks on the model (PyTorch's public extension point) do it, and gen
 Everything generate does around the forward calls (sampling, logits processors, stopping criteria,
 streamers, return_dict_in_generate, batches, beams) is generate's own. LookaheadKV runs its two-pass form
 here (prefill, then the lookahead rows over the cached prompt), which scores as its single pass does.
+Not supported, with an error: chunked prefill (the first chunk would be evicted alone), assisted decoding
+(transformers refuses a cache that cannot be rolled back), inputs_embeds instead of input_ids.
 """
 
 from __future__ import annotations
@@ -112,6 +114,12 @@ class Evicting:
         if next(module.parameters()).device.type == "cuda":
             stack.enter_context(sdpa_kernel(_NO_CUDNN))
         if isinstance(cache, EvictableCache) and cache.sealed:  # a decode step
+            rows = kwargs.get("input_ids", args[0] if args else None)
+            if rows is not None and rows.shape[1] > 1:
+                raise LookaheadKVError(
+                    f"evicting() evicts once, after the whole prompt's prefill, but a forward of {rows.shape[1]} "
+                    "rows followed it (chunked prefill, prefill_chunk_size, or generate continuing from an "
+                    "evicted cache); pass the whole prompt to one generate call")
             cache.begin(kwargs.get("position_ids"))
             stack.enter_context(active_cache(cache))
             self._local.stack = stack

@@ -242,6 +242,30 @@ def test_errors_leave_the_model_as_it_was(model):
     assert not model._forward_hooks and not model._forward_pre_hooks
 
 
+def test_beam_search_and_several_sequences_per_prompt(model):
+    ids = prompt()
+    for kw in (dict(num_beams=3), dict(num_beams=2, num_return_sequences=2),
+               dict(do_sample=True, num_return_sequences=3)):
+        torch.manual_seed(2)
+        plain = gen(model, ids, 8, **kw)
+        with evicting(model, "snapkv", budget=L):
+            torch.manual_seed(2)
+            assert torch.equal(gen(model, ids, 8, **kw), plain)
+    with evicting(model, "snapkv", budget=BUDGET, window=8) as ev:
+        out = gen(model, ids, 8, num_beams=3, num_return_sequences=3, return_dict_in_generate=True)
+    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    assert ev.last.kept_per_layer == [BUDGET] * 3 and ev.last.prompt_tokens == L
+    assert [layer.keys.shape[:3] for layer in cache.layers] == [(3, 2, BUDGET + 7)] * 3
+    assert cache.layers[0].positions.shape == (3, 2, BUDGET + 7)
+
+
+def test_chunked_prefill_is_refused(model):
+    ids = prompt()
+    with evicting(model, "snapkv", budget=BUDGET, window=8):
+        with pytest.raises(LookaheadKVError, match="evicts once, after the whole prompt's prefill"):
+            gen(model, ids, 4, prefill_chunk_size=16)
+
+
 def test_the_attention_implementation_is_restored():
     m = tiny_model()
     m.set_attn_implementation("sdpa")
