@@ -18,7 +18,10 @@ run after the prompt (lookahead, drafts) and scores line up with prompt slots in
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -120,6 +123,10 @@ class EvictableLayer(DynamicLayer):
         seen = (k >= 0) & (k <= r)
         if self.is_sliding:
             seen &= k > r - self.sliding_window
+        n_keys, q = kpos.shape[-1], rows.shape[1]
+        if q > 1:  # a pad row sees itself, so its softmax is never empty (its output is never used)
+            own = torch.arange(n_keys, device=kpos.device) == n_keys - q + torch.arange(q, device=kpos.device)[:, None]
+            seen = seen | (own & (rows < 0)[:, :, None])[:, None]
         return seen.repeat_interleave(n_heads // seen.shape[1], dim=1) if seen.shape[1] > 1 else seen
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -185,6 +192,28 @@ class EvictableCache(DynamicCache):
         """Eviction is over: sliding layers keep at most window - 1 entries, masks come from positions."""
         for layer in self.layers:
             layer.seal(self.padded)
+
+
+def stack(caches: list[EvictableCache]) -> EvictableCache:
+    """Evicted caches of the same model stacked along the batch (to decode them together): each layer is
+    left-padded to the longest with entries at position -1, which no mask ever shows."""
+    out = copy.copy(caches[0])
+    out.layers = []
+    for layers in zip(*(c.layers for c in caches)):
+        width = max(layer.stored() for layer in layers)
+        heads = max(layer.positions.shape[1] for layer in layers)
+        merged = EvictableLayer(layers[0].sliding_window)
+        pad = [width - layer.stored() for layer in layers]
+        merged.keys = torch.cat([F.pad(x.keys, (0, 0, p, 0)) for x, p in zip(layers, pad)])
+        merged.values = torch.cat([F.pad(x.values, (0, 0, p, 0)) for x, p in zip(layers, pad)])
+        merged.positions = torch.cat([F.pad(x.positions.expand(-1, heads, -1), (p, 0), value=-1)
+                                      for x, p in zip(layers, pad)])
+        merged.is_initialized, merged.device = True, layers[0].device
+        merged.seen = max(layer.seen for layer in layers)
+        merged.seal(padded=True)
+        out.layers.append(merged)
+    out.padded = True
+    return out
 
 
 def kv_bytes(cache: DynamicCache) -> int:
