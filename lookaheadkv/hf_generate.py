@@ -79,6 +79,9 @@ class Evicting:
 
     def __enter__(self) -> Evicting:
         check(self.model)
+        if getattr(self.model, "_lookaheadkv_evicting", None) is not None:
+            raise LookaheadKVError("this model is already inside an evicting() block; leave it before entering another")
+        self.model._lookaheadkv_evicting = self
         self._attn = self.model.config._attn_implementation
         if self._attn != attention.NAME:
             attention.install(self.model)  # SDPA plus recording; soft-capped layers get their own path
@@ -90,6 +93,7 @@ class Evicting:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.model._lookaheadkv_evicting = None
         self._close()
         if self._attn is not None and self._attn != attention.NAME:
             self.model.set_attn_implementation(self._attn)

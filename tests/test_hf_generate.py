@@ -238,6 +238,9 @@ def test_errors_leave_the_model_as_it_was(model):
     with pytest.raises(LookaheadKVError, match="nothing was evicted yet"):
         with evicting(model, "snapkv", budget=40) as ev:
             _ = ev.last
+    with pytest.raises(LookaheadKVError, match="already inside an evicting"):
+        with evicting(model, "snapkv", budget=40), evicting(model, "h2o", budget=40):
+            pass
     assert torch.equal(gen(model, ids), plain)  # no hook is left behind
     assert not model._forward_hooks and not model._forward_pre_hooks
 

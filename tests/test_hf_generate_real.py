@@ -14,7 +14,7 @@ from lookaheadkv.generate import build_prompt
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the access code for the archive room?"
-NEW = 10
+NEW = 8
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def smollm2():
     return load_model("smollm2-135m-instruct")
 
 
-def context(chars: int = 1000, fact: str = "The access code for the archive room is 482913.") -> str:
+def context(chars: int = 700, fact: str = "The access code for the archive room is 482913.") -> str:
     return document(fact, depth=0.04)[:chars]  # the fact within the first ~500 characters
 
 
@@ -42,7 +42,7 @@ def options(model, name: str) -> dict:
 def test_generate_inside_evicting_equals_generate_ids_at_budget_128(smollm2, name):
     model, tok = smollm2
     ids = encode(tok, context())
-    assert ids.shape[1] > 250  # budget 128 really evicts
+    assert ids.shape[1] > 180  # budget 128 really evicts
     with evicting(model, name, budget=128, **options(model, name)) as ev:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
     ours, ev2, _ = generate_ids(model, ids, None, name, 128, Sampling(NEW), {tok.eos_token_id},
@@ -51,16 +51,13 @@ def test_generate_inside_evicting_equals_generate_ids_at_budget_128(smollm2, nam
     assert ev.last.kept_per_layer == ev2.kept_per_layer
 
 
-def test_budget_covering_the_prompt_is_plain_generate(smollm2):
+def test_budget_covering_the_prompt_is_plain_generate(smollm2):  # sampling and the rest: on the tiny model
     model, tok = smollm2
     ids = encode(tok, context())
-    for kw in ({"do_sample": False}, {"do_sample": True, "top_p": 0.9, "temperature": 0.8}):
-        torch.manual_seed(3)
-        plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, **kw)
-        with evicting(model, "snapkv", budget=ids.shape[1]):
-            torch.manual_seed(3)
-            assert torch.equal(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, **kw),
-                               plain)
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
+    with evicting(model, "snapkv", budget=ids.shape[1]):
+        same = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(same, plain)
 
 
 def test_streamed_text_equals_the_returned_text(smollm2):
@@ -97,8 +94,8 @@ def test_chat_pipeline_answers_as_our_generate(smollm2):
 
 def test_a_left_padded_batch_equals_single_runs(smollm2):
     model, tok = smollm2
-    texts = [build_prompt(tok, context(1000), QUESTION),
-             build_prompt(tok, context(700, "The password for the staff wifi is BLUE-TIGER-42."),
+    texts = [build_prompt(tok, context(700), QUESTION),
+             build_prompt(tok, context(550, "The password for the staff wifi is BLUE-TIGER-42."),
                           "What is the password for the staff wifi?")]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert not bool(enc["attention_mask"].all())
