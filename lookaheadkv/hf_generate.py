@@ -114,9 +114,6 @@ class Evicting:
         cache = kwargs.get(name) if name else None
         if not isinstance(cache, Cache):
             return None  # a call without a cache is not generate's: left alone
-        stack = contextlib.ExitStack()
-        if next(module.parameters()).device.type == "cuda":
-            stack.enter_context(sdpa_kernel(_NO_CUDNN))
         if isinstance(cache, EvictableCache) and cache.sealed:  # a decode step
             rows = kwargs.get("input_ids", args[0] if args else None)
             if rows is not None and rows.shape[1] > 1:
@@ -125,8 +122,7 @@ class Evicting:
                     "rows followed it (chunked prefill, prefill_chunk_size, or generate continuing from an "
                     "evicted cache); pass the whole prompt to one generate call")
             cache.begin(kwargs.get("position_ids"))
-            stack.enter_context(active_cache(cache))
-            self._local.stack = stack
+            self._local.stack = self._enter(module, active_cache(cache))
             return None
         if cache.get_seq_length() > 0:
             return None  # a cache generate was handed already filled: not a prompt to evict
@@ -143,11 +139,21 @@ class Evicting:
         kwargs = dict(kwargs, **{name: ours})
         rows = self.method.prefill_rows() if self.method.evicts else 0
         recs = {rows: Recording(rows=rows)} if rows != 0 else {}
-        stack.enter_context(forward_state(list(recs.values()),
-                                          None if bool(valid.all()) else [valid] * n_layers(module)))
-        stack.enter_context(active_cache(ours))
-        self._local.stack, self._local.prefill = stack, _Prefill(ours, ids, valid, recs)
+        key_valid = None if bool(valid.all()) else [valid] * n_layers(module)
+        self._local.stack = self._enter(module, forward_state(list(recs.values()), key_valid), active_cache(ours))
+        self._local.prefill = _Prefill(ours, ids, valid, recs)
         return args, kwargs
+
+    @staticmethod
+    def _enter(module, *contexts) -> contextlib.ExitStack:
+        """The contexts one forward runs in, left open until _after: SDPA without cuDNN on CUDA (see
+        prefill.forward), then `contexts`."""
+        stack = contextlib.ExitStack()
+        if next(module.parameters()).device.type == "cuda":
+            stack.enter_context(sdpa_kernel(_NO_CUDNN))
+        for c in contexts:
+            stack.enter_context(c)
+        return stack
 
     def _after(self, module, args, kwargs, output):
         pending = getattr(self._local, "prefill", None)
