@@ -25,6 +25,7 @@ Not supported, with an error: chunked prefill (the first chunk would be evicted 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 
@@ -60,7 +61,7 @@ class Evicting:
     """The context manager `evicting` returns: hooks on `model` while it is open; `evictions` holds one
     Eviction record (kept tokens, KV bytes before and after, seconds, parts) per prefill it evicted."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module = field(repr=False)
     method: Method
     budget: int | float
     evictions: list[Eviction] = field(default_factory=list)
@@ -173,6 +174,6 @@ def evicting(model, method: str | Method = "snapkv", budget: int | float = 128, 
     eviction cannot serve exactly. Decoding continues at the original positions."""
     m = get_method(method, **options)
     if m.name == "lookahead" and getattr(m, "passes", 2) == 1:
-        m.passes = 2  # generate's prefill cannot carry the lookahead rows; the two-pass form scores alike
+        m = dataclasses.replace(m, passes=2)  # generate's prefill cannot carry the lookahead rows; same scores
     return Evicting(model, m, budget)
 
