@@ -159,16 +159,16 @@ def test_each_kv_head_of_a_sliding_layer_sees_its_own_entries_inside_the_window(
 def test_a_left_padded_batch_equals_single_runs(arch):
     name, model, _ = arch
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (40, 27, 33)]
-    ids = torch.zeros(3, 40, dtype=torch.long)
-    mask = torch.zeros(3, 40, dtype=torch.long)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (40, 27)]
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros(2, 40, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, 40 - len(p):], mask[i, 40 - len(p):] = p, 1
     with evicting(model, "snapkv", budget=20, window=4) as ev:
         batch = hf_greedy(model, ids, 8, attention_mask=mask)[:, 40:].tolist()
         singles = [hf_greedy(model, p[None], 8)[0, len(p):].tolist() for p in prompts]
     assert batch == singles
-    assert len(ev.evictions) == 4
+    assert len(ev.evictions) == 3
 
 
 def test_lookahead_lora_sits_on_the_architectures_own_projections(arch):

@@ -94,8 +94,8 @@ def test_chat_pipeline_answers_as_our_generate(smollm2):
 
 def test_a_left_padded_batch_equals_single_runs(smollm2):
     model, tok = smollm2
-    texts = [build_prompt(tok, context(700), QUESTION),
-             build_prompt(tok, context(550, "The password for the staff wifi is BLUE-TIGER-42."),
+    texts = [build_prompt(tok, context(550), QUESTION),
+             build_prompt(tok, context(420, "The password for the staff wifi is BLUE-TIGER-42."),
                           "What is the password for the staff wifi?")]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert not bool(enc["attention_mask"].all())

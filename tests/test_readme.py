@@ -40,13 +40,13 @@ def test_readme_shows_generate_and_pipelines_first():
 def test_readme_generate_and_pipeline_example_runs(tmp_path, monkeypatch, capsys):
     from lookaheadkv.demo import document
 
-    (tmp_path / "report.txt").write_text(document("The access code is 4829.", depth=0.05)[:1500])
+    (tmp_path / "report.txt").write_text(document("The access code is 4829.", depth=0.05)[:800])
     monkeypatch.chdir(tmp_path)
     exec(compile(PYTHON_BLOCKS[0].replace("max_new_tokens=64", "max_new_tokens=8"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     number = r"(\d+(?:\.\d+)?(?:e-?\d+)?)"
     stats = re.findall(rf"^{number} {number} {number}$", out, re.M)
     kept, ratio, seconds = (float(x) for x in stats[-1])
-    assert kept == 128 and 0 < ratio < 0.5 and seconds > 0
+    assert kept == 128 and 0 < ratio < 1 and seconds > 0
     answers = out.replace(" ".join(stats[-1]), "").split()
     assert len(answers) >= 2  # both the generate and the pipeline answer printed something
