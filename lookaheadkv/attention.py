@@ -5,6 +5,12 @@
    materialises prompt x prompt attention: all-rows recording (H2O) runs in chunks of rows.
 2. Apply a per-layer key-validity mask. After per-layer eviction (PyramidKV) of a left-padded batch the
    layers hold different numbers of entries, so one mask built by transformers cannot fit all of them.
+3. After eviction, take each layer's mask from the evicted cache (cache.EvictableCache), which knows the
+   original position of every entry it holds: sliding-window layers stay sliding-window layers.
+
+Sliding windows and attention-logit soft-capping (Gemma 2) arrive as the `sliding_window` and `softcap`
+keyword arguments that transformers' attention modules pass to every attention function; both are applied
+to the recorded rows too, so the glimpse is the attention the model really computes.
 
 It is registered under the name "lookaheadkv" through transformers' public attention and mask registries.
 """
@@ -92,17 +98,22 @@ def forward_state(record: Recording | list[Recording] | None = None,
 
 
 def storage_mask(key_valid: torch.Tensor | None, n_rows: int, n_keys: int, first_row: int | None = None,
-                 device: torch.device | None = None) -> torch.Tensor:
+                 device: torch.device | None = None, window: int | None = None) -> torch.Tensor:
     """[B or 1, 1, n_rows, n_keys] bool: causal in storage order, minus invalid (pad) keys.
 
     Row r sits at storage index `first_row + r` (default: the last n_rows keys). Each row may also
-    see itself, so a pad row never has an empty softmax (its output is never used).
+    see itself, so a pad row never has an empty softmax (its output is never used). `window` (a sliding
+    layer's) hides keys `window` or more slots back, as transformers' sliding mask does; storage order is
+    slot order until eviction, which is the only time this mask serves a sliding layer.
     """
     first = n_keys - n_rows if first_row is None else first_row
     device = key_valid.device if key_valid is not None else device
     row_idx = torch.arange(first, first + n_rows, device=device)[:, None]
     key_idx = torch.arange(n_keys, device=device)[None, :]
-    mask = (key_idx <= row_idx)[None, None]
+    mask = key_idx <= row_idx
+    if window is not None:
+        mask = mask & (key_idx > row_idx - window)
+    mask = mask[None, None]
     if key_valid is not None:
         mask = (mask & key_valid[:, None, None, :]) | (key_idx == row_idx)[None, None]
     return mask
@@ -114,9 +125,12 @@ def _score_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_row: int,
-                  key_valid: torch.Tensor | None) -> torch.Tensor:
+                  key_valid: torch.Tensor | None, window: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
     """Sum over rows of softmax attention, [B, Hq, Tk] fp32, for query rows [B, Hq, R, D] at storage
     index first_row.. over keys [B, Hkv, Tk, D]; query heads are grouped onto their KV head."""
+    if window is not None or softcap is not None:
+        return windowed_row_attention(query, key, scaling, first_row, key_valid, window, softcap)
     b, hq, r, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     dt = _score_dtype(query)
@@ -202,25 +216,99 @@ def _fusable(module, query: torch.Tensor, key: torch.Tensor, records: list[Recor
     return query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] <= FUSED_ELEMENTS
 
 
+def _grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+    """[B, Hkv, G, R, Tk] fp32 logits of query rows [B, Hq, R, D] over keys [B, Hkv, Tk, D] (no repeat_kv),
+    soft-capped as cap * tanh(logits / cap) where the model does so."""
+    b, hq, r, d = query.shape
+    hkv = key.shape[1]
+    dt = _score_dtype(query)
+    q = query.to(dt).reshape(b, hkv, hq // hkv * r, d)
+    logits = (q @ key.to(dt).transpose(-1, -2) * scaling).view(b, hkv, hq // hkv, r, key.shape[2])
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def windowed_row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_row: int,
+                           key_valid: torch.Tensor | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    """row_attention for a sliding-window or soft-capped layer: the same sum, under that layer's own mask and
+    logits (the fused kernel and the fast path know neither)."""
+    b, hq, r, _ = query.shape
+    logits = _grouped_logits(query, key, scaling, softcap)
+    mask = storage_mask(key_valid, r, key.shape[2], first_row, device=query.device, window=window)
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    return logits.softmax(dim=-1).sum(dim=3).reshape(b, hq, key.shape[2])
+
+
+def softcapped_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float, softcap: float
+                         ) -> tuple[torch.Tensor, None]:
+    """Attention with soft-capped logits (Gemma 2), which SDPA cannot compute: fp32 softmax as transformers'
+    eager path, query heads grouped onto their KV head (no repeat_kv), query rows in chunks of ROW_CHUNK so
+    a long prompt never holds all its logits at once. Returns [B, R, Hq, D] like the other functions."""
+    b, hq, r, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    if attention_mask is None:
+        attention_mask = storage_mask(None, r, tk, device=query.device)
+    out = []
+    for s in range(0, r, ROW_CHUNK):
+        e = min(s + ROW_CHUNK, r)
+        logits = _grouped_logits(query[:, :, s:e], key, scaling, softcap)  # [B, Hkv, G, rows, Tk]
+        m = attention_mask[:, :, s:e]  # [B|1, 1|Hq, rows, Tk] -> grouped like the logits
+        m = m.reshape(m.shape[0], hkv, hq // hkv, e - s, tk) if m.shape[1] > 1 else m[:, :, None]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
+        probs = logits.softmax(dim=-1).to(value.dtype)
+        out.append((probs @ value[:, :, None]).reshape(b, hq, e - s, d))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
 def _record(rec: Recording, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-            scaling: float, key_valid: torch.Tensor | None) -> None:
+            scaling: float, key_valid: torch.Tensor | None, window: int | None = None,
+            softcap: float | None = None) -> None:
     n_q, n_k = query.shape[2], key.shape[2]
     rows = n_q if rec.rows < 0 else min(rec.rows, n_q)
     start = n_q - rows
     if n_q - start <= ROW_CHUNK:  # the usual glimpse: one chunk, all keys
-        total = row_attention(query[:, :, start:], key, scaling, n_k - rows, key_valid)
+        total = row_attention(query[:, :, start:], key, scaling, n_k - rows, key_valid, window, softcap)
     else:
         total = query.new_zeros(query.shape[0], query.shape[1], n_k, dtype=_score_dtype(query))
         for s in range(start, n_q, ROW_CHUNK):
             e = min(s + ROW_CHUNK, n_q)
             seen = n_k - n_q + e  # keys past the chunk's last row are causally hidden from all of its rows
             total[..., :seen] += row_attention(query[:, :, s:e], key[:, :, :seen], scaling, n_k - n_q + s,
-                                               None if key_valid is None else key_valid[:, :seen])
+                                               None if key_valid is None else key_valid[:, :seen], window, softcap)
     rec.add(module.layer_idx, total, rows)
+
+
+_CACHE: contextvars.ContextVar = contextvars.ContextVar("lookaheadkv_cache", default=None)
+
+
+@contextlib.contextmanager
+def active_cache(cache) -> Iterator[None]:
+    """Within this block our attention asks `cache` (an EvictableCache) for each layer's mask once the cache
+    is evicted; other caches are left to transformers' own masks."""
+    token = _CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _CACHE.reset(token)
+
+
+def current_cache():
+    """The cache of the forward call running now under active_cache (None outside one)."""
+    return _CACHE.get()
+
+
+def cache_mask(module, query: torch.Tensor) -> torch.Tensor | None:
+    """The active evicted cache's mask for this layer's call, or None (transformers' mask stands)."""
+    cache = _CACHE.get()
+    if cache is None or not hasattr(cache, "attention_mask"):
+        return None
+    return cache.attention_mask(module.layer_idx, query.shape[1])
 
 
 def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     state = _STATE.get()
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    evicted_mask = cache_mask(module, query)
     if state is not None:
         scaling = module.scaling if scaling is None else scaling
         valid = None if state.key_valid is None else state.key_valid[module.layer_idx]
@@ -229,16 +317,21 @@ def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=Non
             # whole here, once, for both the recording and the mask (the fused kernel reads exactly Tk flags).
             valid = F.pad(valid, (0, key.shape[2] - valid.shape[-1]), value=True)
         records = state.record if isinstance(state.record, list) else [state.record] if state.record else []
-        if records and _fusable(module, query, key, records, kwargs):
+        if records and evicted_mask is None and _fusable(module, query, key, records, kwargs):
             rec = records[0]
             out, total = attend_and_record(query, key, value, scaling, valid)
             rec.add(module.layer_idx, total if rec.grad else total.detach(), query.shape[2])
             return out, None
-        if valid is not None:
-            attention_mask = storage_mask(valid, query.shape[2], key.shape[2])
+        if valid is not None and evicted_mask is None:
+            attention_mask = storage_mask(valid, query.shape[2], key.shape[2], window=window)
         for rec in records:
             with torch.set_grad_enabled(rec.grad and torch.is_grad_enabled()):
-                _record(rec, module, query, key, scaling, valid)
+                _record(rec, module, query, key, scaling, valid, window, softcap)
+    if evicted_mask is not None:
+        attention_mask = evicted_mask
+    if softcap is not None:
+        scaling = module.scaling if scaling is None else scaling
+        return softcapped_attention(module, query, key, value, attention_mask, scaling, softcap)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import attention
+from .architectures import n_layers
 from .decode import Sampling, decode
 from .errors import LookaheadKVError
 from .generate import evict, timed
@@ -180,7 +181,7 @@ class SpecKV(Drafted):
             with timed("draft_prefill"):
                 dpf = prefill(dm, ids, valid)
             with timed("draft_decode"):
-                tokens = decode(dm, dpf, dpf.key_valid(dm.config.num_hidden_layers), eos, Sampling(self.k))
+                tokens = decode(dm, dpf, dpf.key_valid(n_layers(dm)), eos, Sampling(self.k))
         else:  # another attention implementation: one unpadded sequence at a time
             tokens = []
             for i in range(ids.shape[0]):

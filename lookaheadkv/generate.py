@@ -17,6 +17,7 @@ import torch
 
 from . import cache as kvcache
 from . import scoring
+from .architectures import n_layers as count_layers
 from .decode import Sampling, decode
 from .errors import LookaheadKVError
 from .methods import Method, get_method
@@ -95,7 +96,7 @@ def evict(model, pf: Prefill, method: Method, budget: int | float) -> Eviction:
 
 def _evict(model, pf: Prefill, method: Method, budget: int | float, parts: dict[str, float]) -> Eviction:
     t0 = time.perf_counter()
-    n_layers = model.config.num_hidden_layers
+    n_layers = count_layers(model)
     full = kvcache.kv_bytes(pf.cache)
     b = resolve_budget(budget, pf.length) if method.evicts else pf.length
     if method.evicts and b < min(method.floor(), pf.length):
@@ -112,17 +113,26 @@ def _evict(model, pf: Prefill, method: Method, budget: int | float, parts: dict[
         parts["score"] = time.perf_counter() - t - sum(parts.values())  # the method's own parts stand apart
         t = time.perf_counter()
         budgets = scoring.layer_budgets(b, n_layers, pf.length, method.policy, method.floor())
-        kept = scoring.select(scores, budgets, pf.valid, method.forced(pf))
+        lowest = window_slots(kvcache.windows(pf.cache), pf.length)
+        budgets = [min(k, pf.length - lo) for k, lo in zip(budgets, lowest)]
+        kept = scoring.select(scores, budgets, pf.valid, method.forced(pf), lowest)
         _sync(pf.valid.device)
         parts["select"] = time.perf_counter() - t
         t = time.perf_counter()
         kvcache.compact(pf.cache, kept)
         _sync(pf.valid.device)
         parts["compact"] = time.perf_counter() - t
-    key_valid = kvcache.compact_valid(pf.valid, kept) if pf.padded else None
+    kvcache.seal(pf.cache)
+    key_valid = (kvcache.key_valid(pf.cache) or kvcache.compact_valid(pf.valid, kept)) if pf.padded else None
     _sync(pf.valid.device)
     return Eviction(method.name, min(b, pf.length), pf.length, kvcache.kv_lengths(pf.cache), full,
                     kvcache.kv_bytes(pf.cache), key_valid, kept, time.perf_counter() - t0, parts)
+
+
+def window_slots(windows: list[int | None], length: int) -> list[int]:
+    """Per layer, the first prompt slot it may keep: a sliding layer only the last window - 1 slots (the ones
+    the first new row can still see; sequences are right-aligned, so the same slots for every sequence)."""
+    return [0 if w is None else max(0, length - (w - 1)) for w in windows]
 
 
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

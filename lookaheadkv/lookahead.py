@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .architectures import lora_pattern, lora_targets, n_layers
 from .attention import Recording, forward_state
 from .cache import crop
 from .errors import LookaheadKVError
@@ -36,6 +37,7 @@ from .methods import Method, register
 from .prefill import ExtraRows, Prefill, forward
 
 ADAPTER = "lookahead"
+# The Llama family's targets (the shipped module's); a new module takes its model's own (architectures.lora_targets)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULES_DIR = Path(__file__).parent / "modules"
 EMBEDDINGS_FILE = "lookahead_embeddings.safetensors"
@@ -130,7 +132,9 @@ def _inject(model, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
     if rank == 0:  # lookahead tokens alone (the ablation without a LoRA)
         model._lookahead_lora, model._lookahead_config = (0, alpha, tuple(targets)), None
         return
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    # Only inside the decoder layers (a vision tower's q_proj is no target), every target must exist there
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_pattern(model, tuple(targets)), lora_dropout=0.0,
+                     bias="none")
     try:
         inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
     except ValueError as e:
@@ -179,6 +183,9 @@ def lora_rows(model, first_row: int = 0) -> Iterator[None]:
 
 def _rows_hook(first: int):
     def hook(layer, args, output):
+        if args[0].dim() != 3:  # e.g. an MoE expert's flattened tokens: rows cannot be found by position
+            raise LookaheadKVError(f"the lookahead LoRA sits on a module fed {args[0].dim()}-D input, not "
+                                   "[batch, rows, hidden]; its rows cannot be told apart")
         a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
         delta = b(a(args[0][..., first:, :].to(a.weight.dtype))) * layer.scaling[ADAPTER]
         output[..., first:, :] = (output[..., first:, :] + delta).to(output.dtype)
@@ -190,10 +197,12 @@ def _rows_hook(first: int):
 # ---------------------------------------------------------------------------------------------- create/save/load
 
 
-def create(model, n: int = 32, rank: int = 8, alpha: int = 32, targets: tuple[str, ...] = TARGETS,
+def create(model, n: int = 32, rank: int = 8, alpha: int = 32, targets: tuple[str, ...] | None = None,
            seed: int = 0) -> LookaheadModule:
-    """A fresh module: the LoRA injected (B = 0, so it starts as the identity) and n embeddings initialised
-    as copies of random vocabulary embeddings (realistic norms)."""
+    """A fresh module: the LoRA injected (B = 0, so it starts as the identity) on `targets` (default: the
+    model's own, architectures.lora_targets) and n embeddings initialised as copies of random vocabulary
+    embeddings (realistic norms)."""
+    targets = lora_targets(model) if targets is None else tuple(targets)
     _inject(model, rank, alpha, targets)
     g = torch.Generator().manual_seed(seed)
     table = model.get_input_embeddings().weight.detach()
@@ -314,8 +323,14 @@ def use_module(model, path: str | Path | None = None) -> LookaheadModule:
 
 
 def lookahead_embeds(model, mod: LookaheadModule, batch: int) -> torch.Tensor:
-    dtype = model.get_input_embeddings().weight.dtype
-    return mod.embeddings.to(dtype)[None].expand(batch, -1, -1)
+    """The n embeddings as the model's input rows. They live in the embedding table's space (initialised from
+    its rows), so a model that scales its token embeddings (Gemma: by sqrt(hidden)) scales them alike."""
+    table = model.get_input_embeddings()
+    emb = mod.embeddings
+    scale = getattr(table, "embed_scale", None)
+    if scale is not None:
+        emb = emb * torch.as_tensor(scale, dtype=emb.dtype, device=emb.device)
+    return emb.to(table.weight.dtype)[None].expand(batch, -1, -1)
 
 
 def extra_rows(model, mod: LookaheadModule, batch: int) -> ExtraRows:
@@ -330,7 +345,7 @@ def lookahead_pass(model, mod: LookaheadModule, pf: Prefill, grad: bool = False)
     rec = Recording(rows=-1, columns=pf.length, grad=grad)
     positions = pf.lengths[:, None] + torch.arange(mod.n, device=pf.valid.device)
     with torch.set_grad_enabled(grad), lora_rows(model, 0), \
-            forward_state(rec, pf.key_valid(model.config.num_hidden_layers)):
+            forward_state(rec, pf.key_valid(n_layers(model))):
         forward(model, pf.cache, positions, inputs_embeds=lookahead_embeds(model, mod, batch))
     crop(pf.cache, pf.length)
     return rec

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from . import scoring
+from .architectures import kv_heads, n_layers
 from .errors import LookaheadKVError
 from .prefill import ExtraRows, Prefill
 
@@ -48,9 +49,8 @@ class Method:
 
     def scores(self, model, pf: Prefill) -> list[torch.Tensor]:
         """Per layer [B, Hkv, L]: higher is kept first."""
-        kv_heads = model.config.num_key_value_heads
         valid = pf.valid if pf.padded else None  # pads to leave out of the pooling windows
-        return scoring.score(self.glimpse(model, pf), kv_heads, self.pooling, self.kernel, self.gqa, valid)
+        return scoring.score(self.glimpse(model, pf), kv_heads(model), self.pooling, self.kernel, self.gqa, valid)
 
     def forced(self, pf: Prefill) -> torch.Tensor | None:
         """[B, L] positions always kept: the last `window` and the first `sinks` real tokens."""
@@ -95,8 +95,8 @@ class StreamingLLM(Method):
 
     def scores(self, model, pf):
         pos = torch.arange(pf.length, device=pf.valid.device, dtype=torch.float32)
-        shape = (pf.valid.shape[0], model.config.num_key_value_heads, pf.length)
-        return [pos.expand(shape)] * model.config.num_hidden_layers
+        shape = (pf.valid.shape[0], kv_heads(model), pf.length)
+        return [pos.expand(shape)] * n_layers(model)
 
 
 @register
@@ -166,7 +166,7 @@ class Random(Method):
 
     def scores(self, model, pf):
         g = torch.Generator().manual_seed(self.seed)
-        shape = (model.config.num_hidden_layers, pf.valid.shape[0], model.config.num_key_value_heads, pf.length)
+        shape = (n_layers(model), pf.valid.shape[0], kv_heads(model), pf.length)
         return list(torch.rand(shape, generator=g).to(pf.valid.device).unbind(0))
 
 

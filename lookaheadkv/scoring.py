@@ -93,12 +93,13 @@ def layer_budgets(budget: int, n_layers: int, length: int, policy: str, floor: i
     return out
 
 
-def select(scores: list[torch.Tensor], budgets: list[int], valid: torch.Tensor, forced: torch.Tensor | None
-           ) -> list[torch.Tensor | None]:
+def select(scores: list[torch.Tensor], budgets: list[int], valid: torch.Tensor, forced: torch.Tensor | None,
+           lowest: list[int] | None = None) -> list[torch.Tensor | None]:
     """Top-k kept positions per layer and KV head, ascending: [B, Hkv, k], or None where k covers all.
 
     valid [B, L]: real (non-pad) positions, never kept while real ones remain.
     forced [B, L] or None: positions always kept (window, sinks); they count inside the budget.
+    lowest: per layer, the first slot it may keep (a sliding layer's window); budgets must fit above it.
     """
     todo = [i for i, (s, k) in enumerate(zip(scores, budgets)) if k < s.shape[-1]]
     kept: list[torch.Tensor | None] = [None] * len(scores)
@@ -112,6 +113,9 @@ def select(scores: list[torch.Tensor], budgets: list[int], valid: torch.Tensor, 
         s = s.masked_fill(~valid[None, :, None, :], float("-inf"))
         if forced is not None:
             s = s.masked_fill(forced[None, :, None, :], float("inf"))
+        if lowest is not None and any(lowest[i] > 0 for i in group):
+            first = torch.tensor([lowest[i] for i in group], device=s.device)[:, None, None, None]
+            s = s.masked_fill(torch.arange(length, device=s.device) < first, float("-inf"))
         ks = [budgets[i] for i in group]
         top = max(ks)
         # A stable sort breaks ties (max-pooling makes many) by position, so the same prompt selects the

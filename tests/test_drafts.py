@@ -208,6 +208,9 @@ def test_eviction_time_is_split_into_parts(target, drafter):
 def test_bad_draft_setups_are_clear_errors(target):
     ids = prompt(40, 2)
     other_vocab = tiny_model(vocab=256, seed=2)
+    with pytest.raises(LookaheadKVError, match="different tokenizer"):
+        generate_ids(target, ids, None, get_method("speckv", draft_model=other_vocab), 36, Sampling(2))
+    other_vocab.tokenizer_sha256 = None  # tokenizer unknown: the vocabulary sizes still tell them apart
     with pytest.raises(LookaheadKVError, match="vocabulary of 256 tokens"):
         generate_ids(target, ids, None, get_method("speckv", draft_model=other_vocab), 36, Sampling(2))
     with pytest.raises(LookaheadKVError, match="needs a draft model"):
@@ -273,6 +276,7 @@ def test_speckv_refuses_a_draft_whose_tokenizer_differs_beyond_the_vocabulary_si
     with pytest.raises(LookaheadKVError, match="different tokenizer"):
         generate_ids(one, ids, None, get_method("speckv", draft_model=other, k=2), 36, Sampling(1))
     unknown = tiny_model(layers=2, seed=7)  # same vocabulary size, no tokenizer to compare
+    unknown.tokenizer_sha256 = None
     with pytest.raises(LookaheadKVError, match="cannot tell whether draft model"):
         generate_ids(target, ids, None, get_method("speckv", draft_model=unknown, k=2), 36, Sampling(1))
 

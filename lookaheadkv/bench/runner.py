@@ -316,8 +316,7 @@ class Bench:
         cache = copy.deepcopy(pf.cache)
         if batch > 1:
             for layer in cache.layers:
-                layer.keys = layer.keys.repeat(batch, 1, 1, 1)
-                layer.values = layer.values.repeat(batch, 1, 1, 1)
+                layer.batch_repeat_interleave(batch)  # transformers' own (our layers repeat their positions too)
         held = kv_bytes(cache)
         tokens = self._ids(batch, self.cfg.decode_steps + 2)
         reset_peak(self.device)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .. import cache as kvcache
 from ..attention import Recording, forward_state
 from ..bench.timing import Clock
 from ..cache import crop
@@ -201,6 +202,11 @@ def merge(model, copies: Sequence[Copy]):
     per-layer key validity, prompt validity rows, first-token logits rows)."""
     from transformers import DynamicCache
 
+    valid = torch.cat([c.pf.valid for c in copies])
+    logits = torch.cat([c.pf.next_logits for c in copies])
+    if all(isinstance(c.pf.cache, kvcache.EvictableCache) for c in copies):  # positions and windows travel along
+        cache = kvcache.stack([c.pf.cache for c in copies])
+        return cache, kvcache.key_valid(cache), valid, logits
     cache = DynamicCache(config=model.config)
     key_valid = []
     for li in range(model.config.num_hidden_layers):
@@ -217,8 +223,6 @@ def merge(model, copies: Sequence[Copy]):
             ms.append(F.pad(valid, (pad, 0), value=False))
         cache.update(torch.cat(ks), torch.cat(vs), li)
         key_valid.append(torch.cat(ms))
-    valid = torch.cat([c.pf.valid for c in copies])
-    logits = torch.cat([c.pf.next_logits for c in copies])
     return cache, key_valid, valid, logits
 
 
@@ -238,7 +242,7 @@ def decode_copies(model, copies: Sequence[Copy], suffix: tuple[torch.Tensor, tor
             positions = valid.sum(dim=1, keepdim=True) + (s_valid.long().cumsum(dim=1) - 1).clamp(min=0)
             key_valid = [torch.cat([kv, s_valid], dim=1) for kv in key_valid]
             with forward_state(key_valid=key_valid):
-                logits = forward(model, cache, positions, input_ids=s_ids)[:, -1].float()
+                logits = forward(model, cache, positions, input_ids=s_ids, valid=s_valid)[:, -1].float()
             valid = torch.cat([valid, s_valid], dim=1)
             ids = torch.cat([ids, s_ids], dim=1)
         shim = Prefill(cache, ids, valid, logits, {})
@@ -256,7 +260,7 @@ def slice_prefill(pf: Prefill, i: int) -> Prefill:
     cache = copy.copy(pf.cache)
     cache.layers = [copy.copy(layer) for layer in pf.cache.layers]
     for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[i:i + 1], layer.values[i:i + 1]
+        layer.batch_select_indices(slice(i, i + 1))  # transformers' own batch selection (our layers: positions too)
     return Prefill(cache, pf.input_ids[i:i + 1], pf.valid[i:i + 1], pf.next_logits[i:i + 1], {})
 
 
