@@ -273,3 +273,44 @@ def test_the_trainer_benchmark_reports_what_it_ran(tmp_path):
     text = markdown({"model": "tiny", "hardware": "cpu", "min_tokens": 20, "max_tokens": 48, "collection": coll,
                      "generate": gen, "training": steps, "forms": list(forms.values())})
     assert "| lookaheadkv.collect" in text and "top-8 + even rest" in text
+
+
+def test_train_killed_mid_run_and_started_again_gives_the_uninterrupted_module(tmp_path):
+    """The real CLI in a subprocess, killed (SIGKILL) once a checkpoint is on disk, then run again: the module
+    equals an uninterrupted run's (targets from the store, steps from the checkpoint)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from conftest import save_tiny
+    from safetensors.torch import load_file
+
+    model_dir = save_tiny(tmp_path / "model", seed=0)
+    save_prompts(tmp_path / "p.safetensors", [x.tolist() for x in prompts(10, seed=2)], ["t"] * 10, {})
+    args = ["train", "--model", model_dir, "--prompts", str(tmp_path / "p.safetensors"), "--samples", "10",
+            "--n", "4", "--rank", "4", "--alpha", "8", "--response-tokens", "6", "--batch-size", "2",
+            "--epochs", "3", "--lr", "1e-2", "--evals", "1", "--checkpoint-every", "1"]
+    whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    slow = ("import time; import lookaheadkv.train as t; real = t.batch_loss; "
+            "t.batch_loss = lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1]; "
+            "from lookaheadkv.cli import main; main()")
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args, "--out", str(out)], env={**os.environ, "PYTHONPATH":
+                            path}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint" / "state.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the training subprocess wrote no checkpoint in 120 s"
+        time.sleep(0.01)
+    time.sleep(0.5)  # a step or two further
+    proc.kill()
+    assert proc.wait(60) == -signal.SIGKILL and not (out / "lookahead.json").exists()
+    again = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    for name in ("lookahead_embeddings.safetensors", "adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(out / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
