@@ -256,7 +256,8 @@ def test_train_refuses_bad_options_in_one_line(tmp_path, args, message):
 
 
 def test_the_trainer_benchmark_reports_what_it_ran(tmp_path):
-    from lookaheadkv.bench.trainer import bench_collect, bench_forms, bench_generate, bench_steps, markdown
+    from lookaheadkv.bench.trainer import (bench_collect, bench_forms, bench_generate, bench_reference, bench_steps,
+                                           markdown)
 
     model = tiny_model()
     ids = prompts(6, seed=8)
@@ -264,6 +265,8 @@ def test_the_trainer_benchmark_reports_what_it_ran(tmp_path):
     coll, targets = bench_collect(model, tok, ids, 5, batch_tokens=200)
     assert coll["prompts"] == 6 and coll["answered"] == len(targets) == 6 and coll["batches"] >= 2
     assert coll["response_tokens_mean"] == 5  # no EOS: every response runs to the cap
+    ref = bench_reference(model, tok, ids, 5, 4)
+    assert ref["answered"] == 6 and ref["response_tokens_per_s"] == pytest.approx(30 / ref["seconds"])
     gen = [bench_generate(model, tok, ids, 5, 4, v) for v in ("dynamic", "static")]
     assert all("error" not in g and g["new_tokens_per_s"] > 0 for g in gen), gen
     steps, mod = bench_steps(model, targets, batch=2, steps=2, warmup=1)
@@ -271,8 +274,8 @@ def test_the_trainer_benchmark_reports_what_it_ran(tmp_path):
     forms = {f["form"]: f for f in bench_forms(model, mod, targets, n=3, ks=(8,))}
     assert forms["fp32"]["relative_change"] == 0 and abs(forms["fp16"]["relative_change"]) < 1e-2
     text = markdown({"model": "tiny", "hardware": "cpu", "min_tokens": 20, "max_tokens": 48, "collection": coll,
-                     "generate": gen, "training": steps, "forms": list(forms.values())})
-    assert "| lookaheadkv.collect" in text and "top-8 + even rest" in text
+                     "reference": ref, "generate": gen, "training": steps, "forms": list(forms.values())})
+    assert "| lookaheadkv.collect" in text and "top-8 + even rest" in text and "| ratio" in text
 
 
 def test_train_killed_mid_run_and_started_again_gives_the_uninterrupted_module(tmp_path):

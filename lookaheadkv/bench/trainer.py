@@ -5,7 +5,9 @@
 1. Collection (lookaheadkv.collect) on fresh prompts of the training families: prompts/s, response tokens/s,
    peak memory; beside it, plain `model.generate` (greedy, left-padded batches, dynamic and static cache) on a
    share of the same prompts, which makes the responses alone (no importance), as the reference point: a dynamic
-   cache, a static one, and a static one compiled (transformers' own choice for a static cache on a GPU).
+   cache, a static one, and a static one compiled (transformers' own choice for a static cache on a GPU); and
+   the straightforward collection (what the trainer did before: padded decode, then a teacher-forced pass per
+   prompt) on that share, for a ratio measured within one run.
 2. Training steps (train.batch_loss + AdamW) at --batch-size on those targets: steps/s, prompts/s, peak memory.
 3. The target's form: the loss of one predictor against the fp32 truth and against the truth as stored (fp16,
    bf16) or cut to its top-k entries per head (the rest spread evenly), over the same prompts.
@@ -55,6 +57,45 @@ def bench_collect(model, tok, ids: list[torch.Tensor], cap: int, batch_tokens: i
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out, targets
+
+
+def bench_reference(model, tok, ids: list[torch.Tensor], cap: int, batch: int) -> dict:
+    """The straightforward collection on the same prompts (what the trainer did before lookaheadkv.collect):
+    one padded prefill and greedy decode per batch (every row to the longest answer, a mask per layer and a
+    host sync per step), then one teacher-forced pass of each answer after its own cached prompt."""
+    from transformers import DynamicCache
+
+    from ..cache import crop
+    from ..decode import Sampling, decode
+    from ..importance import true_importance
+    from ..prefill import Prefill, prefill
+
+    device = next(model.parameters()).device
+    eos = eos_ids(model, tok)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    clock = Clock(device)
+    answered, resp_tokens = 0, 0
+    for k in range(0, len(order), batch):
+        group = [ids[i] for i in order[k:k + batch]]
+        x, m = left_pad(group)
+        pf = prefill(model, x.to(device), m.to(device))
+        responses = decode(model, pf, pf.key_valid(model.config.num_hidden_layers), eos, Sampling(cap))
+        crop(pf.cache, pf.length)
+        for i, r in enumerate(responses):
+            if not r:
+                continue
+            start = pf.length - len(group[i])  # the sequence's own rows of the batch cache, without its pads
+            one = DynamicCache(config=model.config)
+            for layer_idx, layer in enumerate(pf.cache.layers):
+                one.update(layer.keys[i:i + 1, :, start:], layer.values[i:i + 1, :, start:], layer_idx)
+            alone = x[i:i + 1, start:].to(device)
+            single = Prefill(one, alone, torch.ones_like(alone, dtype=torch.bool), pf.next_logits[i:i + 1], {})
+            true_importance(model, single, torch.tensor([r], device=device))
+            answered, resp_tokens = answered + 1, resp_tokens + len(r)
+        del pf
+    s = clock.lap()
+    return {"prompts": len(ids), "batch": batch, "answered": answered, "seconds": s, "prompts_per_s": len(ids) / s,
+            "response_tokens_per_s": resp_tokens / s}
 
 
 GENERATE_VARIANTS = {"dynamic": {}, "static": {"cache_implementation": "static", "disable_compile": True},
@@ -162,6 +203,13 @@ def markdown(res: dict) -> str:
              f"| lookaheadkv.collect (responses + importance) | {c['prompts_per_s']:.1f} | "
              f"{c['response_tokens_per_s']:.0f} | {c['response_tokens_mean']:.1f} | {c['seconds']:.1f} | "
              f"{c.get('peak_gib', float('nan')):.1f} |"]
+    if "reference" in res:
+        r = res["reference"]
+        lines.append(f"| straightforward (padded decode to the longest answer, then a teacher-forced pass per prompt), "
+                     f"batch {r['batch']}, {r['prompts']} prompts | {r['prompts_per_s']:.1f} | "
+                     f"{r['response_tokens_per_s']:.0f} | | {r['seconds']:.1f} | |")
+        share = c["prompts_per_s"] / r["prompts_per_s"]
+        lines.append(f"| ratio, lookaheadkv.collect / straightforward (same run) | {share:.1f}x | | | | |")
     for g in res.get("generate", []):
         what = f"| model.generate, batch {g['batch']}, {g['variant']} cache (responses only, {g['prompts']} prompts)"
         if "error" in g:
@@ -188,13 +236,16 @@ def markdown(res: dict) -> str:
 @click.option("--batch-size", default=16, show_default=True, help="training batch")
 @click.option("--steps", default=30, show_default=True, help="timed training steps")
 @click.option("--generate-batches", default="", help="batch sizes for the model.generate reference ('' : none)")
-@click.option("--generate-share", default=0.25, show_default=True, help="share of the prompts it generates for")
+@click.option("--generate-share", default=0.25, show_default=True,
+              help="share of the prompts the references (model.generate, the straightforward collection) run on")
+@click.option("--reference-batch", default=64, show_default=True,
+              help="batch of the straightforward collection on that share (0: skip it)")
 @click.option("--seed", default=1, show_default=True, help="prompt seed (the training prompts use 0)")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, exists=True),
               help="take the prompts from this file (`lookaheadkv prompts`) instead of building them")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 def bench_train(model_name, device, samples, min_tokens, max_tokens, response_tokens, batch_tokens, batch_size, steps,
-                generate_batches, generate_share, seed, prompts_file, out):
+                generate_batches, generate_share, reference_batch, seed, prompts_file, out):
     """Collection and training throughput of the lookahead trainer, and the stored target's form."""
     from ..models import load_model
 
@@ -213,6 +264,9 @@ def bench_train(model_name, device, samples, min_tokens, max_tokens, response_to
     click.echo(json.dumps(res["collection"]), err=True)
     res["generate"] = []
     share = ids[: max(1, int(len(ids) * generate_share))]
+    if reference_batch:
+        res["reference"] = bench_reference(model, tok, share, response_tokens, reference_batch)
+        click.echo(json.dumps(res["reference"]), err=True)
     for b in [int(x) for x in generate_batches.split(",") if x.strip()]:
         for variant in GENERATE_VARIANTS:
             res["generate"].append(bench_generate(model, tok, share, response_tokens, b, variant))
