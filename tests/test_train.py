@@ -256,8 +256,14 @@ def test_train_refuses_bad_options_in_one_line(tmp_path, args, message):
 
 
 def test_the_trainer_benchmark_reports_what_it_ran(tmp_path):
-    from lookaheadkv.bench.trainer import (bench_collect, bench_forms, bench_generate, bench_reference, bench_steps,
-                                           markdown)
+    from lookaheadkv.bench.trainer import (
+        bench_collect,
+        bench_forms,
+        bench_generate,
+        bench_reference,
+        bench_steps,
+        markdown,
+    )
 
     model = tiny_model()
     ids = prompts(6, seed=8)
