@@ -193,6 +193,11 @@ def bench_forms(model, mod, targets: list, n: int = 64, ks=(256, 512, 1024)) -> 
             for k, v in rows.items()]
 
 
+def _g(x: float | None) -> str:
+    """3 significant digits (a CPU's 0.0871 prompts/s and a GPU's 187 alike); – where not measured."""
+    return "–" if x is None or x != x else f"{x:.3g}"
+
+
 def markdown(res: dict) -> str:
     c, s = res["collection"], res["training"]
     lines = [f"# Trainer benchmark: {res['model']} on {res['hardware']}", "",
@@ -200,14 +205,14 @@ def markdown(res: dict) -> str:
              f"(mean {c['prompt_tokens_mean']:.0f}), greedy responses capped at {c['response_cap']} tokens.", "",
              "| collection | prompts/s | response tokens/s | mean response | seconds | peak GiB |",
              "|---|---|---|---|---|---|",
-             f"| lookaheadkv.collect (responses + importance) | {c['prompts_per_s']:.1f} | "
-             f"{c['response_tokens_per_s']:.0f} | {c['response_tokens_mean']:.1f} | {c['seconds']:.1f} | "
-             f"{c.get('peak_gib', float('nan')):.1f} |"]
+             f"| lookaheadkv.collect (responses + importance) | {_g(c['prompts_per_s'])} | "
+             f"{_g(c['response_tokens_per_s'])} | {c['response_tokens_mean']:.1f} | {c['seconds']:.1f} | "
+             f"{_g(c.get('peak_gib'))} |"]
     if "reference" in res:
         r = res["reference"]
         lines.append(f"| straightforward (padded decode to the longest answer, then a teacher-forced pass per prompt), "
-                     f"batch {r['batch']}, {r['prompts']} prompts | {r['prompts_per_s']:.1f} | "
-                     f"{r['response_tokens_per_s']:.0f} | | {r['seconds']:.1f} | |")
+                     f"batch {r['batch']}, {r['prompts']} prompts | {_g(r['prompts_per_s'])} | "
+                     f"{_g(r['response_tokens_per_s'])} | | {r['seconds']:.1f} | |")
         share = c["prompts_per_s"] / r["prompts_per_s"]
         lines.append(f"| ratio, lookaheadkv.collect / straightforward (same run) | {share:.1f}x | | | | |")
     for g in res.get("generate", []):
@@ -215,11 +220,11 @@ def markdown(res: dict) -> str:
         if "error" in g:
             lines.append(f"{what} | failed: {g['error']} | | | | |")
         else:
-            lines.append(f"{what} | {g['prompts_per_s']:.1f} | {g['new_tokens_per_s']:.0f} | | {g['seconds']:.1f} "
+            lines.append(f"{what} | {_g(g['prompts_per_s'])} | {_g(g['new_tokens_per_s'])} | | {g['seconds']:.1f} "
                          f"(+ {g['warmup_seconds']:.1f} warm-up) | |")
     lines += ["", "| training | steps/s | prompts/s | mean prompt tokens | peak GiB |", "|---|---|---|---|---|",
-              f"| batch {s['batch']}, {s['steps']} steps | {s['steps_per_s']:.2f} | {s['prompts_per_s']:.1f} | "
-              f"{s['prompt_tokens_mean']:.0f} | {s.get('peak_gib', float('nan')):.1f} |", "",
+              f"| batch {s['batch']}, {s['steps']} steps | {_g(s['steps_per_s'])} | {_g(s['prompts_per_s'])} | "
+              f"{s['prompt_tokens_mean']:.0f} | {_g(s.get('peak_gib'))} |", "",
               "| target form | loss (KL) | change vs fp32 |", "|---|---|---|"]
     lines += [f"| {f['form']} | {f['loss']:.5f} | {f['relative_change']:+.2%} |" for f in res["forms"]]
     return "\n".join(lines)
