@@ -323,3 +323,18 @@ def test_train_killed_mid_run_and_started_again_gives_the_uninterrupted_module(t
     for name in ("lookahead_embeddings.safetensors", "adapter_model.safetensors"):
         a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(out / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_builds_its_own_prompts_from_the_families(tmp_path):
+    from conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "model", seed=0)  # a word-level tokenizer: the data's words map to ids < 128
+    res = CliRunner().invoke(main, ["train", "--model", model_dir, "--samples", "8", "--min-tokens", "40",
+                                    "--max-tokens", "120", "--families", "squad,instruct,retrieval,code",
+                                    "--response-tokens", "4", "--n", "4", "--rank", "4",
+                                    "--alpha", "8", "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    info = la.load(tiny_model(), tmp_path / "m").meta["training"]
+    fams = info["data"]["families"]
+    assert info["data"]["prompts"] == 8 and sum(fams.values()) == info["data"]["train"]
+    assert set(fams) <= {"squad", "instruct", "retrieval", "code"} and len(fams) >= 3
