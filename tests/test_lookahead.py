@@ -189,3 +189,20 @@ def test_the_shipped_module_loads_for_the_default_model_with_no_training():
     assert la.shipped_module(model).name == "smollm2-135m-instruct"
     mod = la.use_module(model)
     assert mod.n == 32 and la.use_module(model) is mod
+
+
+def test_the_grouped_rows_lora_follows_a_change_of_the_lora_weights():
+    """The single pass keeps stacked copies of the LoRA weights (lookahead.RowsLoRA); a weight changed in place
+    (an optimizer step, a load) must be seen by the next single pass."""
+    model = tiny_model()
+    mod = trained_like(model)
+    ids, mask = batch()
+    prefill(model, ids, mask, extra=la.extra_rows(model, mod, 1))  # builds the stacked weights
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lookahead." in n and "lora_B" in n:
+                p.mul_(-2.0)
+    one = prefill(model, ids, mask, extra=la.extra_rows(model, mod, 1)).extra.mean()
+    two = la.lookahead_pass(model, mod, prefill(model, ids, mask)).mean()
+    for x, y in zip(one, two):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)

@@ -210,8 +210,9 @@ class Bench:
 
     def _adapter_direct(self, m: Method, length: int) -> float:
         """Seconds the adapter of a single-pass method's extra rows adds to its prefill of `length` prompt rows
-        + n rows: the work its hook adds to each LoRA-wrapped projection (the LoRA delta on the last n rows,
-        added to the base output), timed on its own per projection shape and summed over the projections.
+        + n rows: the work its hooks add to each group of LoRA-wrapped projections that share an input (the
+        LoRA deltas on the last n rows, added to the base outputs), timed on its own per group shape and summed
+        over the groups.
         Timing the hook alone, not a projection with and without it, keeps the large base product (and its
         noise) out of the difference; alone its launches are not hidden behind the prefill's products, so
         this is an upper bound."""
@@ -220,24 +221,27 @@ class Bench:
             return 0.0
         from .. import lookahead
 
-        groups: dict[tuple, list] = {}
-        for layer in lookahead._lora_layers(self.model):
-            base = layer.get_base_layer()
-            groups.setdefault((base.in_features, base.out_features), []).append(layer)
-        hook = lookahead._rows_hook(length)
+        rows = lookahead.RowsLoRA.of(self.model, length)
+        kinds: dict[tuple, list] = {}  # groups of siblings alike in shape (one per decoder layer): timed once
+        for members in {id(g[0]): g for _, g in rows.group.values()}.values():
+            shape = tuple((m.get_base_layer().in_features, m.get_base_layer().out_features) for m in members)
+            kinds.setdefault(shape, []).append(members)
         n = extra.embeds.shape[1]
         total = 0.0
         with torch.no_grad():
-            for (fan_in, _), members in groups.items():
-                layer = members[0]
-                x = torch.randn(1, length + n, fan_in, device=self.device, dtype=self.dtype)  # made on the device
-                y = layer.get_base_layer()(x)
+            for groups in kinds.values():
+                members = groups[0]
+                x = torch.randn(1, length + n, members[0].get_base_layer().in_features, device=self.device,
+                                dtype=self.dtype)  # made on the device
+                ys = [m.get_base_layer()(x) for m in members]
 
-                def call(layer=layer, x=x, y=y):
-                    hook(layer, (x,), y)
+                def call(members=members, x=x, ys=ys):
+                    rows.inputs = {}
+                    for m, y in zip(members, ys):
+                        rows.hook(m, (x,), y)
 
-                total += median(time_calls(call, self.device, self.cfg.repeats, warmup=1)) * len(members)
-                del x, y
+                total += median(time_calls(call, self.device, self.cfg.repeats, warmup=1)) * len(groups)
+                del x, ys
         return total
 
     def ttft(self, bar: tqdm) -> list[dict]:
