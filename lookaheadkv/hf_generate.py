@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from transformers import Cache
 
 from . import attention
@@ -40,9 +40,8 @@ from .cache import EvictableCache
 from .errors import LookaheadKVError
 from .generate import Eviction, evict
 from .methods import Method, get_method
-from .prefill import Prefill, positions_from_mask
+from .prefill import Prefill, positions_from_mask, sdpa_backends
 
-_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # see prefill.forward
 _CACHE_KWARGS = ("cache", "past_key_values")  # the forward argument's name after and before transformers 5.18
 
 
@@ -123,7 +122,7 @@ class Evicting:
                     "rows followed it (chunked prefill, prefill_chunk_size, or generate continuing from an "
                     "evicted cache); pass the whole prompt to one generate call")
             cache.begin(kwargs.get("position_ids"))
-            self._local.stack = self._enter(module, active_cache(cache))
+            self._local.stack = self._enter(module, False, active_cache(cache))
             return None
         if cache.get_seq_length() > 0:
             return None  # a cache generate was handed already filled: not a prompt to evict
@@ -141,17 +140,19 @@ class Evicting:
         rows = self.method.prefill_rows() if self.method.evicts else 0
         recs = {rows: Recording(rows=rows)} if rows != 0 else {}
         key_valid = None if bool(valid.all()) else [valid] * n_layers(module)
-        self._local.stack = self._enter(module, forward_state(list(recs.values()), key_valid), active_cache(ours))
+        self._local.stack = self._enter(module, True, forward_state(list(recs.values()), key_valid),
+                                        active_cache(ours))
         self._local.prefill = _Prefill(ours, ids, valid, recs)
         return args, kwargs
 
     @staticmethod
-    def _enter(module, *contexts) -> contextlib.ExitStack:
-        """The contexts one forward runs in, left open until _after: SDPA without cuDNN on CUDA (see
-        prefill.forward), then `contexts`."""
+    def _enter(module, prompt: bool, *contexts) -> contextlib.ExitStack:
+        """The contexts one forward runs in, left open until _after: SDPA's backends for a prompt's prefill
+        or a later call (prefill.sdpa_backends), then `contexts`."""
         stack = contextlib.ExitStack()
-        if next(module.parameters()).device.type == "cuda":
-            stack.enter_context(sdpa_kernel(_NO_CUDNN))
+        backends = sdpa_backends(next(module.parameters()).device, prompt)
+        if backends:
+            stack.enter_context(sdpa_kernel(backends))
         for c in contexts:
             stack.enter_context(c)
         return stack

@@ -297,3 +297,18 @@ def test_no_prompt_by_prompt_attention_is_materialised(tiny, monkeypatch):
     whole = prefill(tiny, ids, record_rows=-1).recordings[-1].mean()
     for a, b in zip(chunked, whole):
         assert torch.allclose(a, b)
+
+
+def test_a_prompt_prefill_may_use_every_sdpa_backend_and_later_calls_leave_cudnn_out(tiny, monkeypatch):
+    from torch.nn.attention import SDPBackend
+
+    from lookaheadkv import prefill as pre
+
+    assert pre.sdpa_backends(torch.device("cuda"), prompt=True) is None
+    assert SDPBackend.CUDNN_ATTENTION not in pre.sdpa_backends(torch.device("cuda"), prompt=False)
+    assert pre.sdpa_backends(torch.device("cpu"), prompt=False) is None
+    asked = []
+    real = pre.sdpa_backends
+    monkeypatch.setattr(pre, "sdpa_backends", lambda device, prompt: asked.append(prompt) or real(device, prompt))
+    generate_ids(tiny, torch.randint(3, 128, (1, 60)), None, "snapkv", 40, Sampling(3), set())
+    assert asked[0] is True and asked[1:] and not any(asked[1:])  # the prefill, then decode steps
