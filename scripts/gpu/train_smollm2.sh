@@ -66,6 +66,7 @@ run() {  # run NAME ARGS...: one training run into $W/NAME, its log to $R/NAME.l
   cp "$W/$name/train_log.json" "$R/$name.train_log.json" 2>/dev/null
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader > "$R/gpu.txt" 2>&1
+for s in ${SKIP:-}; do touch "$R/$s.done"; done  # stages a short lease leaves out (e.g. SKIP="bench sweep")
 
 if stage bench; then
   logrun "$R/bench.log" lkv bench-train --device "$DEVICE" --prompts "$BENCH_P" --samples "${BENCH_SAMPLES:-2048}" \
@@ -76,8 +77,8 @@ fi
 if stage targets; then
   logrun "$R/targets$CAP.log" lkv targets --device "$DEVICE" --prompts "$P" --samples "$N_MAIN" --targets "$T/t$CAP" \
     --response-tokens "$CAP" \
-  && logrun "$R/targets$CAP2.log" lkv targets --device "$DEVICE" --prompts "$P" --samples "$N_ABL" \
-    --targets "$T/t$CAP2" --response-tokens "$CAP2" && done_ targets
+  && { [ "$CAP2" = 0 ] || logrun "$R/targets$CAP2.log" lkv targets --device "$DEVICE" --prompts "$P" \
+    --samples "$N_ABL" --targets "$T/t$CAP2" --response-tokens "$CAP2"; } && done_ targets
 fi
 
 if stage sweep; then
@@ -98,8 +99,12 @@ EOF
 echo "best lr: $BEST" | tee "$R/best_lr.txt"
 
 if stage main; then
-  run main --samples "$N_MAIN" --targets "$T/t$CAP" --response-tokens "$CAP" --epochs "$EPOCHS" --batch-size "$BS" \
-    --lr "$BEST" --time-limit "${MAIN_LIMIT:-900}" &
+  # MAIN_LRS (a short lease, no sweep): one main run per lr, side by side; the best by validation recall@64 is
+  # the module (the others are the sweep)
+  for lr in ${MAIN_LRS:-$BEST}; do
+    run "main_lr$lr" --samples "$N_MAIN" --targets "$T/t$CAP" --response-tokens "$CAP" --epochs "$EPOCHS" \
+      --batch-size "$BS" --lr "$lr" --time-limit "${MAIN_LIMIT:-900}" &
+  done
   IFS='|' read -ra abl <<< "$ABLATIONS"
   for a in "${abl[@]}"; do
     name=${a%%:*} args=${a#*:}
@@ -109,6 +114,18 @@ if stage main; then
     run "abl_$name" --samples "$N_ABL" --targets "$store" --epochs 1 --batch-size "$BS" --lr "$BEST" $cap $args &
   done
   wait
+  python3 - "$R" "$W" <<'EOF'
+import json, pathlib, shutil, sys
+r, w = map(pathlib.Path, sys.argv[1:])
+runs = {p.name.removesuffix(".train_log.json"): json.loads(p.read_text())["training"]["validation"]["final"]
+        for p in r.glob("main_lr*.train_log.json")}
+if runs:
+    best = max(runs, key=lambda k: runs[k]["recall@64"])
+    print("main runs (validation recall@64):", {k: round(v["recall@64"], 4) for k, v in runs.items()}, "->", best)
+    shutil.rmtree(w / "main", ignore_errors=True)
+    shutil.copytree(w / best, w / "main", ignore=shutil.ignore_patterns("checkpoint*", "targets"))
+    (r / "main_best.txt").write_text(best + "\n")
+EOF
   [ -f "$W/main/lookahead.json" ] && done_ main
 fi
 
