@@ -55,7 +55,7 @@ class Recording:
         if self.columns is not None:
             probs_sum = probs_sum[..., : self.columns]
         if self.weight is not None:
-            probs_sum = probs_sum * self.weight[:, None, None]
+            probs_sum = probs_sum * self.weight.to(probs_sum.device)[:, None, None]
         if layer in self.sums:
             self.sums[layer] = self.sums[layer] + probs_sum
             self.count[layer] += n_rows
@@ -312,6 +312,8 @@ def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=Non
     if state is not None:
         scaling = module.scaling if scaling is None else scaling
         valid = None if state.key_valid is None else state.key_valid[module.layer_idx]
+        if valid is not None and valid.device != key.device:  # layers spread over devices (a device map)
+            valid = valid.to(key.device)
         if valid is not None and valid.shape[-1] < key.shape[2]:
             # Keys appended after the mask was made (draft, lookahead or answer rows) are real tokens. Made
             # whole here, once, for both the recording and the mask (the fused kernel reads exactly Tk flags).

@@ -91,6 +91,7 @@ class EvictableLayer(DynamicLayer):
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep the entries idx [B, Hkv, k] (storage indices, ascending) of each KV head."""
+        idx = idx.to(self.keys.device)  # scores of a layer may live elsewhere (a device map)
         self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
         self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1]))
         self.positions = self.positions.expand(-1, idx.shape[1], -1).gather(2, idx)
@@ -252,6 +253,7 @@ def compact(cache: DynamicCache, kept: list[torch.Tensor | None]) -> None:
         if isinstance(layer, EvictableLayer):
             layer.keep(idx)
             continue
+        idx = idx.to(layer.keys.device)
         layer.keys = layer.keys.gather(2, idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1]))
         layer.values = layer.values.gather(2, idx[..., None].expand(-1, -1, -1, layer.values.shape[-1]))
 
@@ -272,4 +274,4 @@ def key_valid(cache: DynamicCache) -> list[torch.Tensor] | None:
 def compact_valid(key_valid: torch.Tensor, kept: list[torch.Tensor | None]) -> list[torch.Tensor]:
     """Per layer [B, k] validity of the kept entries. Pads are only kept by a sequence shorter than k,
     and then by every head alike (they score -inf and sort first), so head 0 speaks for all."""
-    return [key_valid if idx is None else key_valid.gather(1, idx[:, 0]) for idx in kept]
+    return [key_valid if idx is None else key_valid.gather(1, idx[:, 0].to(key_valid.device)) for idx in kept]

@@ -4,28 +4,42 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
 
+from . import distributed
 from .errors import LookaheadKVError
 from .methods import METHODS, parse_methods
 from .models import DEFAULT_MODEL, MODELS
 
+SHARDED = ("train", "targets", "eval")  # the commands that share their work over torchrun's processes
+
 
 class Group(click.Group):
     """Turns LookaheadKVError (exit 1) and click's usage errors (exit 2) into one line instead of a traceback or
-    a usage block."""
+    a usage block. Under torchrun only rank 0 prints it: every check raising them depends only on what all
+    ranks share (options, files, the model), so the other ranks meet the same error."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LookaheadKVError as e:
-            click.echo(f"error: {e}", err=True)
+            if distributed.is_main():
+                click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except click.UsageError as e:
-            click.echo(f"error: {e.format_message()} (see --help)", err=True)
+            if distributed.is_main():
+                click.echo(f"error: {e.format_message()} (see --help)", err=True)
             sys.exit(e.exit_code)
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if distributed.world() > 1 and name not in SHARDED:
+            raise LookaheadKVError(f"`lookaheadkv {name}` runs in one process; start it without torchrun (under "
+                                   f"torchrun: {', '.join(SHARDED)})")
+        return name, cmd, rest
 
 
 @click.group(cls=Group)
@@ -79,15 +93,17 @@ def method_kwargs(window, keep_window, sinks, pooling, kernel, gqa) -> dict:
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--device-map", help="spread the model over several devices with accelerate: auto (every visible GPU), "
+              "balanced, sequential, or a JSON file {module: device}; replaces --device")
 @click.option("--draft-model", help="speckv: the draft model (same tokenizer as --model), named model or path")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--module", type=click.Path(file_okay=False), help="lookahead: module directory (default: shipped)")
 def generate(model, method, budget, window, keep_window, sinks, pooling, kernel, gqa, context_file, question,
-             max_new_tokens, temperature, top_p, seed, device, draft_model, as_json, module):
+             max_new_tokens, temperature, top_p, seed, device, device_map, draft_model, as_json, module):
     """Answer QUESTION about the text in --context-file with an evicted cache."""
     from .generate import generate as run
     from .methods import get_method
-    from .models import load_model
+    from .models import load_model, parse_device_map
 
     if not context_file.exists():
         raise LookaheadKVError(f"context file {context_file} does not exist")
@@ -96,7 +112,7 @@ def generate(model, method, budget, window, keep_window, sinks, pooling, kernel,
     get_method(method, **options)  # bad options are refused before the model loads
     b = parse_budget(budget)
     context = context_file.read_text(encoding="utf-8", errors="replace")
-    m, tok = load_model(model, device=device)
+    m, tok = load_model(model, device=device, device_map=device_map and parse_device_map(device_map))
     ans = run(m, tok, context, question, method=method, budget=b, max_new_tokens=max_new_tokens,
               temperature=temperature, top_p=top_p, seed=seed, **options)
     if as_json:
@@ -153,12 +169,15 @@ main.add_command(bench)
               help="comma-separated task names or groups: ruler, qa, fidelity, all")
 @click.option("--methods", default=None, help="comma-separated, options as name:key=value (default: every method)")
 @click.option("--budgets", default="64,128,256", show_default=True, help="comma-separated KV budgets (tokens)")
-@click.option("--n", "n", default=50, show_default=True, help="samples per task")
+@click.option("--n", "--per-task", "n", default=50, show_default=True,
+              help="samples per task (under torchrun write --per-task: its parser takes --n for its own options)")
 @click.option("--length", default=4096, show_default=True, help="prompt + answer tokens per sample (RULER's length)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch", default=8, show_default=True, help="samples prefilled together")
 @click.option("--query-agnostic", is_flag=True, help="compress the context before the question is seen")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="under torchrun: cuda gives each process its GPU")
+@click.option("--device-map", help="spread the model over several devices with accelerate: auto (every visible GPU), "
+              "balanced, sequential, or a JSON file {module: device}; replaces --device")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
 @click.option("--out", default="results.jsonl", show_default=True, type=click.Path(dir_okay=False),
@@ -168,21 +187,27 @@ main.add_command(bench)
 @click.option("--samples", "samples_file", default=None, type=click.Path(dir_okay=False),
               help="pre-made samples (JSONL[.gz]) to use instead of generating them")
 @click.option("--only-samples", is_flag=True, help="write the samples to --samples and stop (no evaluation)")
-def eval_cmd(model, tasks, methods, budgets, n, length, seed, batch, query_agnostic, device, dtype, out,
+def eval_cmd(model, tasks, methods, budgets, n, length, seed, batch, query_agnostic, device, device_map, dtype, out,
              time_limit, workers, samples_file, only_samples):
     """Score methods x budgets on RULER, long-document QA and fidelity tasks; rows go to --out (JSONL)."""
     import torch
 
     from .evaluation import runner
     from .evaluation.tasks import resolve_tasks
-    from .models import load_model
+    from .models import load_model, parse_device_map
 
     try:
         budget_list = [int(b) for b in budgets.split(",") if b.strip()]
     except ValueError:
         raise LookaheadKVError(f"--budgets must be comma-separated integers, got {budgets!r}") from None
     names = resolve_tasks(tasks)
+    if device_map and distributed.world() > 1:
+        raise LookaheadKVError("--device-map spreads one model over every visible GPU, and torchrun starts one model "
+                               "per process: use one or the other (under torchrun: --device cuda)")
+    placement = parse_device_map(device_map) if device_map else None
     if only_samples:
+        if distributed.world() > 1:
+            raise LookaheadKVError("--only-samples writes one file: run it without torchrun")
         if not samples_file:
             raise LookaheadKVError("--only-samples needs --samples FILE to write to")
         from tqdm import tqdm
@@ -201,11 +226,17 @@ def eval_cmd(model, tasks, methods, budgets, n, length, seed, batch, query_agnos
         if not Path(samples_file).exists():
             raise LookaheadKVError(f"samples file {samples_file} does not exist; make it with --only-samples")
         known = runner.load_samples(samples_file)
-    m, tok = load_model(model, device=device, dtype=None if dtype == "auto" else getattr(torch, dtype))
+    m, tok = load_model(model, device=distributed.device_for(device), dtype=None if dtype == "auto" else
+                        getattr(torch, dtype), device_map=placement)
+    t0 = time.perf_counter()
     rows = runner.run_eval(m, tok, names, chosen, budget_list, n, length, out, model_name=model, seed=seed,
                            batch=batch, query_agnostic=query_agnostic, time_limit=time_limit, workers=workers,
                            samples=known)
-    click.echo(f"{len(rows)} new rows in {out}", err=True)
+    seconds = time.perf_counter() - t0
+    samples = len({(r["task"], r["sample"]) for r in rows})
+    if distributed.is_main():  # samples/s: what scripts/gpu/scale.sh compares across process counts
+        click.echo(f"{len(rows)} new rows in {out} ({samples} samples in {seconds:.1f} s: "
+                   f"{samples / seconds if seconds else 0:.3f} samples/s, {distributed.world()} process(es))", err=True)
 
 
 @main.command()

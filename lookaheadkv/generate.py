@@ -21,6 +21,7 @@ from .architectures import n_layers as count_layers
 from .decode import Sampling, decode
 from .errors import LookaheadKVError
 from .methods import Method, get_method
+from .models import devices
 from .prefill import Prefill, prefill
 
 
@@ -61,9 +62,11 @@ def resolve_budget(budget: int | float, length: int) -> int:
     return max(1, int(b * length)) if isinstance(b, float) else b
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(model) -> None:
+    """Wait for the model's devices (all of them under a device map), so host clocks cover their work."""
+    for d in devices(model):
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 _PARTS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("eviction_parts", default=None)
@@ -109,22 +112,22 @@ def _evict(model, pf: Prefill, method: Method, budget: int | float, parts: dict[
     if method.evicts and b <= pf.length:
         t = time.perf_counter()
         scores = method.scores(model, pf)
-        _sync(pf.valid.device)
+        _sync(model)
         parts["score"] = time.perf_counter() - t - sum(parts.values())  # the method's own parts stand apart
         t = time.perf_counter()
         budgets = scoring.layer_budgets(b, n_layers, pf.length, method.policy, method.floor())
         lowest = window_slots(kvcache.windows(pf.cache), pf.length)
         budgets = [min(k, pf.length - lo) for k, lo in zip(budgets, lowest)]
         kept = scoring.select(scores, budgets, pf.valid, method.forced(pf), lowest)
-        _sync(pf.valid.device)
+        _sync(model)
         parts["select"] = time.perf_counter() - t
         t = time.perf_counter()
         kvcache.compact(pf.cache, kept)
-        _sync(pf.valid.device)
+        _sync(model)
         parts["compact"] = time.perf_counter() - t
     kvcache.seal(pf.cache)
     key_valid = (kvcache.key_valid(pf.cache) or kvcache.compact_valid(pf.valid, kept)) if pf.padded else None
-    _sync(pf.valid.device)
+    _sync(model)
     return Eviction(method.name, min(b, pf.length), pf.length, kvcache.kv_lengths(pf.cache), full,
                     kvcache.kv_bytes(pf.cache), key_valid, kept, time.perf_counter() - t0, parts)
 
@@ -151,12 +154,12 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     t0 = time.perf_counter()
     pf = prefill(model, input_ids, attention_mask, record_rows=m.prefill_rows() if m.evicts else 0,
                  extra=m.prefill_extra(model) if m.evicts else None)
-    _sync(device)
+    _sync(model)
     t1 = time.perf_counter()
     ev = evict(model, pf, m, budget)
     t2 = time.perf_counter()
     tokens = decode(model, pf, ev.key_valid, eos_ids, sampling)
-    _sync(device)
+    _sync(model)
     t3 = time.perf_counter()
     parts = {f"eviction.{k}": v for k, v in ev.parts.items()}
     return tokens, ev, {"prefill": t1 - t0, "eviction": t2 - t1, **parts, "decode": t3 - t2}

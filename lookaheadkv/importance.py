@@ -31,11 +31,12 @@ def recall_per_sequence(truth: list[torch.Tensor], kept: list[torch.Tensor | Non
         cached = None if top_cache is None else top_cache.get((budget, li))
         if cached is None:
             t = reduce_gqa(t.float(), n_kv_heads, "mean")
-            if valid is not None:
-                t = t.masked_fill(~valid[:, None, :], float("-inf"))
+            v = None if valid is None else valid.to(t.device)  # a layer's tensors live on its device (device map)
+            if v is not None:
+                t = t.masked_fill(~v[:, None, :], float("-inf"))
             top = t.topk(min(budget, length), dim=-1).indices  # real positions first: they score above -inf
-            real = (torch.ones_like(top, dtype=torch.bool) if valid is None
-                    else valid[:, None, :].expand(-1, top.shape[1], -1).gather(-1, top))
+            real = (torch.ones_like(top, dtype=torch.bool) if v is None
+                    else v[:, None, :].expand(-1, top.shape[1], -1).gather(-1, top))
             cached = (top, real)
             if top_cache is not None:
                 top_cache[(budget, li)] = cached
@@ -43,9 +44,10 @@ def recall_per_sequence(truth: list[torch.Tensor], kept: list[torch.Tensor | Non
         if k is None:
             shares.append(torch.ones(top.shape[:2], device=top.device))
             continue
-        hit = torch.zeros(*top.shape[:2], length, dtype=torch.bool, device=top.device).scatter_(-1, k, True)
+        hit = torch.zeros(*top.shape[:2], length, dtype=torch.bool, device=top.device)
+        hit.scatter_(-1, k.to(top.device), True)
         shares.append((hit.gather(-1, top) & real).sum(dim=-1) / real.sum(dim=-1))
-    return torch.stack(shares).mean(dim=(0, 2))
+    return torch.stack([s.to(shares[0].device) for s in shares]).mean(dim=(0, 2))
 
 
 def importance_recall(truth: list[torch.Tensor], kept: list[torch.Tensor | None], budget: int, n_kv_heads: int,

@@ -167,11 +167,13 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_
                   UPCAST=os.environ.get("TRITON_INTERPRET") == "1", GROUP=hq // hkv, BLOCK_R=BLOCK_R,
                   BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)), D=d)
     strides = (*query.stride()[:3], *key.stride()[:3], sv_b)
-    _partials[(b * hkv, row_blocks, n_blocks)](query, key, valid, m, l_sum, hkv, r, tk, first_row, scaling,
-                                               *strides, n_blocks, **common)
-    top = m.amax(dim=1, keepdim=True)
-    lse = (top + (l_sum * (m - top).exp()).sum(dim=1, keepdim=True).log()).squeeze(1).contiguous()
-    out = torch.empty((b, hq, tk), device=query.device, dtype=torch.float32)
-    _row_sums[(b * hkv, n_blocks)](query, key, valid, lse, out, hkv, r, tk, first_row, scaling, *strides,
-                                   ROW_BLOCKS=row_blocks, **common)
+    # Triton launches on the current CUDA device: make it this layer's (layers spread over GPUs by a device map)
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        _partials[(b * hkv, row_blocks, n_blocks)](query, key, valid, m, l_sum, hkv, r, tk, first_row, scaling,
+                                                   *strides, n_blocks, **common)
+        top = m.amax(dim=1, keepdim=True)
+        lse = (top + (l_sum * (m - top).exp()).sum(dim=1, keepdim=True).log()).squeeze(1).contiguous()
+        out = torch.empty((b, hq, tk), device=query.device, dtype=torch.float32)
+        _row_sums[(b * hkv, n_blocks)](query, key, valid, lse, out, hkv, r, tk, first_row, scaling, *strides,
+                                       ROW_BLOCKS=row_blocks, **common)
     return out

@@ -160,23 +160,74 @@ def check_device(device: str) -> torch.device:
     return d
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None):
-    """Load (model, tokenizer) ready for eviction: our attention function, eval mode, on `device`."""
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's own strategies
+
+
+def parse_device_map(text: str) -> str | dict[str, str | int]:
+    """--device-map: one of accelerate's strategies (DEVICE_MAPS), or a JSON file {module name: device}."""
+    if text in DEVICE_MAPS:
+        return text
+    p = Path(text)
+    if not p.is_file():
+        raise LookaheadKVError(f"--device-map {text!r}: give one of {', '.join(DEVICE_MAPS)} or a JSON file mapping "
+                               "module names to devices")
+    try:
+        placement = json.loads(p.read_text())
+    except ValueError as e:
+        raise LookaheadKVError(f"--device-map {text}: not JSON ({e})") from None
+    if not isinstance(placement, dict) or not placement:
+        raise LookaheadKVError(f"--device-map {text}: expected an object mapping module names to devices")
+    for device in placement.values():
+        check_device(f"cuda:{device}" if isinstance(device, int) else str(device))
+    return placement
+
+
+def check_placement(model) -> None:
+    """Refuse a device map that offloads layers (to the CPU beside GPUs, or to disk): accelerate then keeps their
+    weights on the meta device between calls, and eviction needs every layer's tensors where it computes."""
+    where = set(getattr(model, "hf_device_map", {}).values())
+    offloaded = where & {"disk", "meta"} or (where & {"cpu"} if where - {"cpu"} else set())
+    if offloaded:
+        where = ", ".join(sorted(map(str, offloaded)))
+        raise LookaheadKVError(f"the device map offloads part of the model to {where}; eviction needs every layer on "
+                               "a device that computes: give more GPUs, a smaller dtype, or a map without offloading")
+
+
+def devices(model) -> list[torch.device]:
+    """The devices the model's layers compute on: several under a device map, else its one device."""
+    placed = {torch.device(f"cuda:{d}" if isinstance(d, int) else d) for d in
+              (getattr(model, "hf_device_map", None) or {}).values()}
+    return sorted(placed, key=str) if len(placed) > 1 else [next(model.parameters()).device]
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None,
+               device_map: str | dict | None = None):
+    """Load (model, tokenizer) ready for eviction: our attention function, eval mode, on `device`; or, with
+    `device_map` (accelerate's "auto", ..., or {module: device}), its layers spread over several devices (a
+    model larger than one GPU; `device` is then unused)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    check_device(device)
+    if device_map is None:
+        check_device(device)
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # for the default dtype
     path = resolve(name_or_path)
     hf_logging.disable_progress_bar()  # a sub-second load needs no bar
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device))
-    except OSError as e:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device),
+                                                     **({} if device_map is None else {"device_map": device_map}))
+    except (OSError, ValueError) as e:  # a bad device map is a ValueError
+        if isinstance(e, ValueError) and device_map is None:
+            raise
         raise LookaheadKVError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.enable_progress_bar()
     check(model)  # refused here, with one line, if eviction cannot serve this architecture exactly
-    model = attention.install(model).to(device).eval()
+    if device_map is not None:
+        check_placement(model)
+    model = attention.install(model if device_map is not None else model.to(device)).eval()
     model.name_or_path = name_or_path
     model._tokenizer = tok  # hashed only when asked for (tokenizer_identity: ~0.5 s)
     if tok.pad_token_id is None:

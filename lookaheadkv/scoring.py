@@ -55,11 +55,17 @@ def score(attn: list[torch.Tensor], n_kv_heads: int, pooling: str, kernel: int, 
     """Per-layer query-head attention [B, Hq, L] -> per-layer KV-head scores [B, Hkv, L]; valid [B, L]: the
     real (non-pad) positions, which alone are pooled."""
     real = None if valid is None else valid[:, None, :]
-    if len(attn) > 1 and len({tuple(a.shape) for a in attn}) == 1:  # all layers in one go (few kernel launches)
+    # all layers in one go (few kernel launches), unless a device map spreads them over devices
+    if len(attn) > 1 and len({(tuple(a.shape), a.device) for a in attn}) == 1:
         n, (b, hq, length) = len(attn), attn[0].shape
-        pooled = pool(torch.stack(attn), pooling, kernel, real).view(n * b, hq, length)
+        pooled = pool(torch.stack(attn), pooling, kernel, _on(real, attn[0])).view(n * b, hq, length)
         return list(reduce_gqa(pooled, n_kv_heads, gqa).view(n, b, n_kv_heads, length).unbind(0))
-    return [reduce_gqa(pool(a, pooling, kernel, real), n_kv_heads, gqa) for a in attn]
+    return [reduce_gqa(pool(a, pooling, kernel, _on(real, a)), n_kv_heads, gqa) for a in attn]
+
+
+def _on(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """t on like's device: per-layer tensors stay on their layer's device when a device map spreads the model."""
+    return t if t is None or t.device == like.device else t.to(like.device)
 
 
 def layer_budgets(budget: int, n_layers: int, length: int, policy: str, floor: int, beta: float = 20.0) -> list[int]:
@@ -105,14 +111,14 @@ def select(scores: list[torch.Tensor], budgets: list[int], valid: torch.Tensor, 
     kept: list[torch.Tensor | None] = [None] * len(scores)
     if not todo:
         return kept
-    # Every evicting layer at once when their shapes agree (one sort instead of a Python loop of them).
-    groups = [todo] if len({tuple(scores[i].shape) for i in todo}) == 1 else [[i] for i in todo]
+    # Every evicting layer at once when their shapes (and devices) agree: one sort instead of a Python loop.
+    groups = [todo] if len({(tuple(scores[i].shape), scores[i].device) for i in todo}) == 1 else [[i] for i in todo]
     for group in groups:
         s = torch.stack([scores[i] for i in group]).float()  # [n, B, Hkv, L]
         length = s.shape[-1]
-        s = s.masked_fill(~valid[None, :, None, :], float("-inf"))
+        s = s.masked_fill(~_on(valid, s)[None, :, None, :], float("-inf"))
         if forced is not None:
-            s = s.masked_fill(forced[None, :, None, :], float("inf"))
+            s = s.masked_fill(_on(forced, s)[None, :, None, :], float("inf"))
         if lowest is not None and any(lowest[i] > 0 for i in group):
             first = torch.tensor([lowest[i] for i in group], device=s.device)[:, None, None, None]
             s = s.masked_fill(torch.arange(length, device=s.device) < first, float("-inf"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import distributed
 from .collect import Target
 from .errors import LookaheadKVError
 
@@ -43,11 +45,21 @@ class TargetStore:
                 raise LookaheadKVError(f"{self.path} holds targets made with {what}; give another --targets "
                                        "folder or delete it")
         else:
-            mpath.write_text(json.dumps({**manifest, "model": identity.get("name", "")}, indent=1) + "\n")
+            tmp = mpath.with_suffix(f".{os.getpid()}.tmp")  # one temporary file per process: no two write one
+            tmp.write_text(json.dumps({**manifest, "model": identity.get("name", "")}, indent=1) + "\n")
+            tmp.rename(mpath)
         self._index: dict[str, Path] = {}
         self._answered: set[str] = set()
         self._open: dict[Path, object] = {}
+        self._shards: set[Path] = set()  # the shards indexed
+        self.reload()
+
+    def reload(self) -> None:
+        """Index the shards on disk again (those other processes wrote since)."""
         for shard in sorted(self.path.glob("shard-*.safetensors")):
+            if shard in self._shards:
+                continue
+            self._shards.add(shard)
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():
                     if name.endswith(".ids"):
@@ -88,9 +100,18 @@ class TargetStore:
         keys = sorted(k[:-4] for k in tensors if k.endswith(".ids"))
         name = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
         shard = self.path / f"shard-{name}.safetensors"
-        tmp = shard.with_suffix(".tmp")
+        tmp = shard.with_suffix(f".{os.getpid()}.tmp")
         save_file(tensors, str(tmp))
         tmp.rename(shard)
+        self._shards.add(shard)
         for k in keys:
             self._index[k] = shard
         self._answered |= {k[:-6] for k in tensors if k.endswith(".truth")}
+
+
+def open_store(path: str | Path, identity: dict, response_tokens: int) -> TargetStore:
+    """The store at `path` for this process. Under torchrun rank 0 opens it first (it alone writes the manifest),
+    the others after it; the shards they write later are named by content, so no two ranks write one file."""
+    store = TargetStore(path, identity, response_tokens) if distributed.is_main() else None
+    distributed.barrier()
+    return TargetStore(path, identity, response_tokens) if store is None else store

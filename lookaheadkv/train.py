@@ -33,13 +33,13 @@ import click
 import torch
 from tqdm import tqdm
 
+from . import distributed, scoring
 from . import lookahead as la
-from . import scoring
 from .collect import Target, collect_batch, eos_ids, plan_batches, prompt_key, tokens_that_fit
 from .errors import LookaheadKVError
 from .importance import recall_per_sequence
 from .prefill import prefill
-from .targets import TRUTH_DTYPE, TargetStore
+from .targets import TRUTH_DTYPE, TargetStore, open_store
 from .train_data import FAMILIES, load_prompts, save_prompts, training_prompts
 
 BUDGETS = (32, 64, 128, 256)  # budgets the validation recall is logged at
@@ -63,25 +63,34 @@ def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], store:
                     response_tokens: int = 256, max_batch_tokens: int | None = None, progress: bool = True,
                     time_limit_s: float | None = None, seed: int = 0) -> dict:
     """Put every prompt's target into `store` (those already there are skipped). Batches run in a seeded
-    random order, so a time limit leaves a random subset without targets. Returns throughput figures."""
+    random order, so a time limit leaves a random subset without targets. Returns throughput figures.
+
+    Under torchrun every rank plans the same batches and runs every world()-th of them, writing its own shards
+    (named by content, so no two ranks write one file); at the end each rank indexes the others' shards too,
+    and the figures are the sums over the ranks (seconds: the slowest rank's)."""
     keys = [prompt_key(x) for x in prompt_ids]
     todo = list({k: i for i, k in enumerate(keys) if k not in store}.values())
     eos = eos_ids(model, tokenizer)
-    budget = max_batch_tokens or tokens_that_fit(model, response_tokens)
+    device = next(model.parameters()).device
+    distributed.ensure(device)
+    # every rank must plan the same batches: the smallest rank's buffer (free memory differs between GPUs)
+    budget = min(distributed.gather(max_batch_tokens or tokens_that_fit(model, response_tokens)))
     groups = plan_batches([len(prompt_ids[i]) for i in todo], response_tokens, budget)
     random.Random(seed).shuffle(groups)
+    groups = distributed.shard(groups)
     stats = {"prompts": 0, "answered": 0, "response_tokens": 0, "prompt_tokens": 0, "batches": 0, "seconds": 0.0,
              "already_stored": len(keys) - len(todo), "batch_tokens": budget}
-    device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=len(todo), desc="targets", unit="prompt", disable=not progress)
+    progress = progress and distributed.is_main()
+    bar = tqdm(total=sum(len(g) for g in groups), desc="targets", unit="prompt", disable=not progress)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as writer:  # shards are written while the next batch runs
         pending = None
         for group in groups:
             if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
-                bar.write(f"targets: time limit reached after {stats['batches']} of {len(groups)} batches")
+                if progress:
+                    bar.write(f"targets: time limit reached after {stats['batches']} of {len(groups)} batches")
                 break
             ids = [prompt_ids[todo[j]] for j in group]
             got = collect_batch(model, ids, response_tokens, eos, truth_dtype=TRUTH_DTYPE)
@@ -101,7 +110,21 @@ def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], store:
     stats["seconds"] = time.perf_counter() - t0
     if device.type == "cuda":
         stats["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if distributed.world() > 1:
+        stats = _sum_stats(distributed.gather(stats))  # also the barrier: every rank's shards are on disk now
+        store.reload()
     return stats
+
+
+def _sum_stats(per_rank: list[dict]) -> dict:
+    """Collection figures of all ranks as one run's: counts summed, the slowest rank's seconds."""
+    out = dict(per_rank[0], processes=len(per_rank))
+    for k in ("prompts", "answered", "response_tokens", "prompt_tokens", "batches"):
+        out[k] = sum(r[k] for r in per_rank)
+    for k in ("seconds", "peak_gib"):
+        if k in out:
+            out[k] = max(r[k] for r in per_rank)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -111,9 +134,12 @@ def kl_loss(pred: list[torch.Tensor], truth: torch.Tensor, eps: float = 1e-10) -
     """KL(true || predicted) over prompt positions, both normalised to sum 1, mean over batch, layers, heads.
 
     pred: per layer [B, Hq, L] (the lookahead rows' attention); truth: [B, layers, Hq, L] (zeros at pads)."""
-    p = torch.stack(pred, dim=1).float()
+    # fp32, or fp64 for a float64 model (the tests'): near the optimum the KL is a small difference of logs, and
+    # in fp32 batches of other padding widths (other splits over processes) differ in it by ~1e-5
+    dt = torch.float64 if pred[0].dtype == torch.float64 else torch.float32
+    p = torch.stack(pred, dim=1).to(dt)
     p = p / p.sum(dim=-1, keepdim=True).clamp_min(eps)
-    t = truth.float()
+    t = truth.to(dt)
     t = t / t.sum(dim=-1, keepdim=True).clamp_min(eps)
     kl = (t * (t.clamp_min(eps).log() - p.clamp_min(eps).log())).sum(dim=-1)
     return kl.mean()
@@ -188,6 +214,10 @@ class TrainConfig:
                 raise LookaheadKVError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.rank < 0 or self.alpha <= 0 or not self.lr > 0 or not 0 <= self.val_share < 1:
             raise LookaheadKVError("need --rank >= 0, --alpha > 0, --lr > 0 and 0 <= --val-share < 1")
+        world = distributed.world()
+        if self.batch_size % world:
+            raise LookaheadKVError(f"--batch-size {self.batch_size} is the global batch, split evenly over the {world} "
+                                   f"processes; give a multiple of {world}")
 
 
 def is_validation(key: str, share: float) -> bool:
@@ -260,7 +290,8 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         raise LookaheadKVError(f"training prompts of up to {longest} tokens + {cfg.response_tokens} response tokens "
                                f"exceed the model's context of {limit}; lower --max-tokens or --response-tokens")
     keys = [prompt_key(x) for x in prompt_ids]
-    store = TargetStore(targets_dir or out / "targets", la.model_identity(model), cfg.response_tokens)
+    distributed.ensure(device)
+    store = open_store(targets_dir or out / "targets", la.model_identity(model), cfg.response_tokens)
     collection = collect_targets(model, tokenizer, prompt_ids, store, cfg.response_tokens, cfg.collect_batch_tokens,
                                  progress, cfg.collect_time_limit, cfg.seed)
     answered = {k for k in set(keys) if store.answered(k)}
@@ -305,15 +336,20 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     eval_at = {round(total * (k + 1) / cfg.evals) for k in range(cfg.evals)} if cfg.evals else set()
 
     def validate() -> dict:
+        """Validation loss and recall; under torchrun each rank scores its share and the sums are gathered."""
         if not val_idx:
             return {"step": step}
         losses, recalls = [], {b: [] for b in BUDGETS}
-        for k in range(0, len(val_idx), cfg.batch_size):
-            ts = [store.get(keys[i]) for i in val_idx[k:k + cfg.batch_size]]
+        mine = distributed.shard(val_idx)
+        for k in range(0, len(mine), cfg.batch_size):
+            ts = [store.get(keys[i]) for i in mine[k:k + cfg.batch_size]]
             loss, rec = batch_loss(model, mod, ts, grad=False, budgets=BUDGETS)
             losses.append(float(loss) * len(ts))
             for b in BUDGETS:
                 recalls[b] += rec[b].tolist()
+        parts = distributed.gather((losses, recalls))
+        losses = [x for ls, _ in parts for x in ls]
+        recalls = {b: [x for _, r in parts for x in r[b]] for b in BUDGETS}
         return {"step": step, "loss": sum(losses) / len(val_idx),
                 **{f"recall@{b}": sum(v) / len(v) for b, v in recalls.items()}}
 
@@ -322,26 +358,32 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     t1 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    progress = progress and distributed.is_main()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress)
     pending: list[torch.Tensor] = []
     stopped, steps_here, prompts_here = False, 0, 0
     flat = [g for batches in per_epoch for g in batches]
-    for targets in _prefetch(store, keys, iter([[train_idx[j] for j in g] for g in flat[step:]])):
-        if cfg.time_limit is not None and time.perf_counter() - t1 > cfg.time_limit:
+    step_loss = _step_loss(model, mod, device)
+    # each rank's part of every global batch (global batches do not depend on the number of processes)
+    local = [_rank_part(g) for g in flat]
+    for targets in _prefetch(store, keys, iter([[train_idx[j] for j in g] for g, _ in local[step:]])):
+        if cfg.time_limit is not None and distributed.any_rank(time.perf_counter() - t1 > cfg.time_limit):
             stopped = True
             break
-        loss, _ = batch_loss(model, mod, targets, grad=True)
+        share = local[step][1]
+        loss = step_loss(targets)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the ranks' gradients: weighted by share x world, the average is the global batch's gradient
+        (loss if distributed.world() == 1 else loss * (share * distributed.world())).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         step += 1
         steps_here += 1
-        prompts_here += len(targets)
-        pending.append(loss.detach())
+        prompts_here += len(flat[step - 1])
+        pending.append(loss.detach() if distributed.world() == 1 else loss.detach() * share)
         if len(pending) == 10 or step == total:  # one host sync per 10 steps
-            for j, v in enumerate(torch.stack(pending).tolist()):
+            for j, v in enumerate(_global_losses(pending)):
                 log["steps"].append({"step": step - len(pending) + j + 1, "loss": v})
             log["steps"][-1]["lr"] = sched.get_last_lr()[0]
             bar.set_postfix(loss=f"{log['steps'][-1]['loss']:.4f}")
@@ -350,18 +392,19 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         if step in eval_at:
             log["validation"].append(validate())
             v = log["validation"][-1]
-            if "loss" in v:
+            if "loss" in v and distributed.is_main():
                 bar.write(f"step {step}: validation KL {v['loss']:.4f}, recall@64 {v['recall@64']:.3f}")
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total and distributed.is_main():
             _checkpoint(model, mod, ckpt, opt, sched, step, log, signature)
     bar.close()
     train_s = time.perf_counter() - t1
     if stopped:
         log["steps"] += [{"step": step - len(pending) + j + 1, "loss": v}
-                         for j, v in enumerate(torch.stack(pending).tolist())] if pending else []
-        _checkpoint(model, mod, ckpt, opt, sched, step, log, signature)
-        click.echo(f"training: time limit reached at step {step} of {total}; checkpoint in {ckpt} "
-                   "(run the same command again to go on)", err=True)
+                         for j, v in enumerate(_global_losses(pending))] if pending else []
+        if distributed.is_main():
+            _checkpoint(model, mod, ckpt, opt, sched, step, log, signature)
+            click.echo(f"training: time limit reached at step {step} of {total}; checkpoint in {ckpt} "
+                       "(run the same command again to go on)", err=True)
     if log["validation"][-1]["step"] != step:
         log["validation"].append(validate())
     lens = [len(prompt_ids[i]) for i in train_idx]
@@ -386,16 +429,66 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
                        if collection["prompts"] else None},
         "time_s": {"targets": round(collection["seconds"], 1), "training": round(train_s, 1),
                    "total": round(time.perf_counter() - t_start, 1)},
-        "hardware": hardware(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "hardware": hardware(device), "processes": distributed.world(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     if device.type == "cuda":
         info["throughput"]["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if not stopped:
-        la.save(model, mod, out, training=info)
-        if (ckpt / "state.pt").exists():
-            (ckpt / "state.pt").unlink()
-    (out / "train_log.json").write_text(json.dumps({"training": info, **log}, indent=1) + "\n")
+    if distributed.is_main():
+        if not stopped:
+            la.save(model, mod, out, training=info)
+            if (ckpt / "state.pt").exists():
+                (ckpt / "state.pt").unlink()
+        (out / "train_log.json").write_text(json.dumps({"training": info, **log}, indent=1) + "\n")
+    distributed.barrier()  # every rank returns once the module is on disk
     return info
+
+
+def _rank_part(group: list[int]) -> tuple[list[int], float]:
+    """This rank's part of a global batch and its share of the batch's prompts. A rank left without a prompt
+    (a last batch smaller than the number of processes) runs the batch's first one at share 0: every rank
+    takes part in each step's gradient all-reduce."""
+    mine = distributed.shard(group)
+    return (mine, len(mine) / len(group)) if mine else (group[:1], 0.0)
+
+
+def _step_loss(model, mod: la.LookaheadModule, device: torch.device):
+    """The training loss of one rank's targets: batch_loss itself in one process; under torchrun through
+    DistributedDataParallel, which all-reduces (averages) the gradients of the embeddings and the LoRA."""
+    if distributed.world() == 1:
+        return lambda targets: batch_loss(model, mod, targets, grad=True)[0]
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(_Trainable(model, mod), device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=True)  # the last layer's v, o and MLP LoRA get no gradient
+    return lambda targets: ddp(_Targets(targets))
+
+
+class _Targets:
+    """A batch's targets, opaque to DDP (which would otherwise copy every tensor inside to the device)."""
+
+    def __init__(self, targets: list[Target]):
+        self.targets = targets
+
+
+class _Trainable(torch.nn.Module):
+    """What DDP wraps: only the trainable tensors (the embeddings and the LoRA layers), so the frozen base
+    model is neither broadcast nor checked at the start; forward is the training loss of a batch."""
+
+    def __init__(self, model, mod: la.LookaheadModule):
+        super().__init__()
+        self.embeddings = mod.embeddings
+        self.lora = torch.nn.ModuleList(d[la.ADAPTER] for layer in la._lora_layers(model)
+                                        for d in (layer.lora_A, layer.lora_B))
+        self._loss = lambda targets: batch_loss(model, mod, targets, grad=True)[0]  # the model stays unregistered
+
+    def forward(self, batch: _Targets) -> torch.Tensor:
+        return self._loss(batch.targets)
+
+
+def _global_losses(pending: list[torch.Tensor]) -> list[float]:
+    """The global batches' losses from each rank's share-weighted ones (one host sync)."""
+    return distributed.sum_cpu(torch.stack(pending).cpu()).tolist()
 
 
 def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signature: dict) -> None:
@@ -419,7 +512,8 @@ def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signat
 @click.option("--epochs", default=2, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--lr", default=3e-3, show_default=True)
-@click.option("--n", "n_tokens", default=32, show_default=True, help="lookahead embeddings")
+@click.option("--n", "--lookahead-tokens", "n_tokens", default=32, show_default=True,
+              help="lookahead embeddings (under torchrun write --lookahead-tokens: its parser takes --n for its own)")
 @click.option("--rank", default=8, show_default=True, help="LoRA rank (0: lookahead embeddings alone)")
 @click.option("--alpha", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -442,12 +536,16 @@ def train_command(model_name, out, prompts_file, samples, min_tokens, max_tokens
                       evals=evals, collect_batch_tokens=collect_batch_tokens, collect_time_limit=collect_time_limit,
                       time_limit=time_limit)
     cfg.check()
+    device = distributed.device_for(device)
     ids = fams = None
     if prompts_file:
         ids, fams, _ = load_prompts(prompts_file)
     model, tok = load_model(model_name, device=device)
     info = train(model, tok, out, cfg, prompt_ids=ids, families=fams, targets_dir=targets_dir, resume=resume)
-    click.echo(json.dumps({k: info[k] for k in ("data", "validation", "throughput", "time_s", "hardware")}, indent=1))
+    if not distributed.is_main():
+        return
+    click.echo(json.dumps({k: info[k] for k in ("data", "validation", "throughput", "time_s", "hardware",
+                                                "processes")}, indent=1))
     if not info["optimisation"]["stopped_by_time_limit"]:
         click.echo(f"module written to {out}; use it with --method lookahead --module {out}")
 
@@ -503,8 +601,10 @@ def targets_command(model_name, prompts_file, targets_dir, samples, response_tok
     if response_tokens < 1 or (samples is not None and samples < 1):
         raise LookaheadKVError("--response-tokens and --samples must be at least 1")
     ids, _, _ = load_prompts(prompts_file)
-    model, tok = load_model(model_name, device=device)
-    store = TargetStore(targets_dir, la.model_identity(model), response_tokens)
+    model, tok = load_model(model_name, device=distributed.device_for(device))
+    distributed.ensure(next(model.parameters()).device)
+    store = open_store(targets_dir, la.model_identity(model), response_tokens)
     stats = collect_targets(model, tok, ids[:samples], store, response_tokens, batch_tokens, time_limit_s=time_limit,
                             seed=seed)
-    click.echo(json.dumps({**stats, "stored": len(store)}, indent=1))
+    if distributed.is_main():
+        click.echo(json.dumps({**stats, "stored": len(store)}, indent=1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
 
 from ..errors import LookaheadKVError
 from .report import markdown
@@ -24,6 +25,8 @@ def _ints(text: str, what: str) -> list[int]:
               help="a model shape (random weights: llama-3.1-8b, qwen3-8b, llama-3.2-1b, tiny) or a named model")
 @click.option("--random-weights", is_flag=True, help="a named model's shape with random weights")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--device-map", help="spread the model over several devices with accelerate: auto (every visible GPU), "
+              "balanced, sequential, or a JSON file {module: device}; replaces --device")
 @click.option("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
 @click.option("--contexts", default="8192,16384,32768", show_default=True, help="prompt lengths in tokens")
 @click.option("--methods", default="full,snapkv,pyramidkv,lookahead,laq:k=8,speckv:k=32", show_default=True,
@@ -41,12 +44,13 @@ def _ints(text: str, what: str) -> list[int]:
 @click.option("--split-extra-rows/--no-split-extra-rows", default=True, show_default=True,
               help="also time single-pass lookahead's rows without their adapter and with it on those rows only")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-def bench(model, random_weights, device, dtype, contexts, methods, budget, decode_context, decode_budgets,
+def bench(model, random_weights, device, device_map, dtype, contexts, methods, budget, decode_context, decode_budgets,
           decode_batches, decode_methods, decode_steps, repeats, warmup, memory_gib, draft_model, split_extra_rows,
           out):
     """Time to first token by stage, eviction overhead, decode speed, KV bytes and memory (docs/bench.md)."""
-    cfg = BenchConfig(model=model, random_weights=random_weights, device=device,
-                      dtype=dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+    gpu = device.startswith("cuda") or (device_map is not None and torch.cuda.is_available())
+    cfg = BenchConfig(model=model, random_weights=random_weights, device=device, device_map=device_map,
+                      dtype=dtype or ("bfloat16" if gpu else "float32"),
                       contexts=_ints(contexts, "--contexts"), methods=[m for m in methods.split(",") if m],
                       budget=budget, decode_context=decode_context,
                       decode_budgets=_ints(decode_budgets, "--decode-budgets"),

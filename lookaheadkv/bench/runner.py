@@ -29,7 +29,7 @@ from ..cache import kv_bytes
 from ..errors import LookaheadKVError
 from ..generate import evict
 from ..methods import Method, get_method, parse_spec
-from ..models import check_device, tokenizer_identity
+from ..models import check_device, devices, parse_device_map, tokenizer_identity
 from ..prefill import ExtraRows, Prefill, forward, prefill
 from . import shapes
 from .timing import Clock, median, peak_bytes, reset_peak, sync, time_calls
@@ -43,6 +43,7 @@ class BenchConfig:
     model: str = "tiny"  # a shape (random weights) from shapes.SHAPES, or a named model / path (real weights)
     random_weights: bool = False  # for a named model: its config with random weights
     device: str = "cpu"
+    device_map: str | None = None  # accelerate's placement over several devices (models.parse_device_map)
     dtype: str = "float32"
     contexts: list[int] = field(default_factory=lambda: [2048])
     methods: list[str] = field(default_factory=lambda: ["full", "snapkv", "pyramidkv"])  # "name:opt=v:..."
@@ -79,10 +80,16 @@ class Bench:
         self.cfg = cfg
         if cfg.dtype not in DTYPES:
             raise LookaheadKVError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-        self.device = check_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         clock = Clock("cpu")
-        self.model, self.note = shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights)
+        placement = None if cfg.device_map is None else parse_device_map(cfg.device_map)
+        if placement is None:
+            check_device(cfg.device)
+        self.model, self.note = shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights,
+                                             device_map=placement)
+        # inputs go to the first layer's device; clocks and memory cover every device the model spreads over
+        self.device = next(self.model.parameters()).device
+        self.devices = devices(self.model)
         self.notes: list[str] = [self.note]
         self.methods = {spec: self._method(spec) for spec in cfg.methods}
         if "full" not in self.methods:
@@ -99,7 +106,7 @@ class Bench:
         name, options = parse_spec(spec)
         if name == "speckv" and isinstance(options.get("draft_model", self.cfg.draft_model), str):
             draft = options.get("draft_model", self.cfg.draft_model)
-            dm, note = shapes.build(draft, self.cfg.device, self.dtype, self.cfg.random_weights,
+            dm, note = shapes.build(draft, str(self.device), self.dtype, self.cfg.random_weights,
                                     vocab_size=self.model.config.vocab_size)
             if note == shapes.RANDOM_NOTE:  # random weights over the target's vocabulary: it reads the target's ids
                 dm.tokenizer_sha256 = tokenizer_identity(self.model)
@@ -140,7 +147,7 @@ class Bench:
             inner = type(m).glimpse.__get__(m)
 
             def glimpse(model, pf):  # timed on its own (the instance attribute shadows the method)
-                c = Clock(self.device)
+                c = Clock(self.devices)
                 out = inner(model, pf)
                 glimpse_s.append(c.lap())
                 return out
@@ -148,8 +155,8 @@ class Bench:
             m.glimpse = glimpse
         if self.device.type == "cuda":  # every run starts from the same allocator state (no blocks cached by
             torch.cuda.empty_cache()  # the run before, which made runs after the drafting methods slower)
-        reset_peak(self.device)
-        clock = Clock(self.device)
+        reset_peak(self.devices)
+        clock = Clock(self.devices)
         try:
             pf = prefill(self.model, ids, record_rows=m.prefill_rows() if m.evicts else 0,
                          extra=m.prefill_extra(self.model) if m.evicts else None)
@@ -174,7 +181,7 @@ class Bench:
                 ttft = t_prefill
             return {"ttft": ttft, "stages": stages, "kv_bytes_full": full_bytes, "kv_bytes_kept": kept,
                     "storage_bytes": storage_bytes(pf.cache), "kept_tokens": sum(_lengths(pf)) / len(_lengths(pf)),
-                    "peak_bytes": peak_bytes(self.device)}
+                    "peak_bytes": peak_bytes(self.devices)}
         finally:
             if m.evicts:
                 del m.glimpse
@@ -202,10 +209,10 @@ class Bench:
             for _ in range(cfg.num_hidden_layers):
                 attention._record(rec, layer, q, k, d**-0.5, None)
 
-        out = {"used": median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))}
+        out = {"used": median(time_calls(all_layers, self.devices, self.cfg.repeats, warmup=1))}
         if kernels.pays(q):
             with kernels.disabled():
-                out["pytorch"] = median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))
+                out["pytorch"] = median(time_calls(all_layers, self.devices, self.cfg.repeats, warmup=1))
         return out
 
     def _adapter_direct(self, m: Method, length: int) -> float:
@@ -240,7 +247,7 @@ class Bench:
                     for m, y in zip(members, ys):
                         rows.hook(m, (x,), y)
 
-                total += median(time_calls(call, self.device, self.cfg.repeats, warmup=1)) * len(groups)
+                total += median(time_calls(call, self.devices, self.cfg.repeats, warmup=1)) * len(groups)
                 del x, ys
         return total
 
@@ -323,7 +330,7 @@ class Bench:
                 layer.batch_repeat_interleave(batch)  # transformers' own (our layers repeat their positions too)
         held = kv_bytes(cache)
         tokens = self._ids(batch, self.cfg.decode_steps + 2)
-        reset_peak(self.device)
+        reset_peak(self.devices)
         step = {"i": 0}
 
         def one():
@@ -333,8 +340,8 @@ class Bench:
             step["i"] += 1
 
         with torch.no_grad():
-            times = time_calls(one, self.device, self.cfg.decode_steps, warmup=2)
-        peak = peak_bytes(self.device)
+            times = time_calls(one, self.devices, self.cfg.decode_steps, warmup=2)
+        peak = peak_bytes(self.devices)
         s = median(times)
         return {"step_s": s, "tokens_per_s": batch / s, "kv_bytes": held, "peak_bytes": peak, "steps_s": times}
 
@@ -362,7 +369,8 @@ class Bench:
         if self.cfg.memory_gib is not None:
             memory, source = int(self.cfg.memory_gib * 2**30), "given"
         elif self.device.type == "cuda":
-            memory, source = torch.cuda.get_device_properties(self.device).total_memory, "device total"
+            memory = sum(torch.cuda.get_device_properties(d).total_memory for d in self.devices)
+            source = "device total" if len(self.devices) == 1 else f"total of {len(self.devices)} devices"
         else:
             memory, source = 80 * 2**30, "a hypothetical 80 GiB accelerator"
         weights = shapes.weight_bytes(self.model)
@@ -416,7 +424,8 @@ class Bench:
                                                        "num_attention_heads", "num_key_value_heads", "head_dim",
                                                        "vocab_size")},
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
-            or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+            or "cpu", "devices": [str(d) for d in self.devices], "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "weights_bytes": shapes.weight_bytes(self.model), "seconds": self.seconds,
             "row_attention": "fused Triton kernel (<= 64 rows)" if kernels.pays(

@@ -54,16 +54,19 @@ def from_config(cfg, device: str, dtype: torch.dtype, seed: int = 0):
     return install(model)
 
 
-def build(name: str, device: str, dtype: torch.dtype, random_weights: bool = False, vocab_size: int | None = None):
+def build(name: str, device: str, dtype: torch.dtype, random_weights: bool = False, vocab_size: int | None = None,
+          device_map: str | dict | None = None):
     """(model, note): a shape from SHAPES (random weights), or a named model / path, its real weights unless
-    `random_weights` (then its config with random weights). vocab_size overrides a shape's (draft models)."""
+    `random_weights` (then its config with random weights). vocab_size overrides a shape's (draft models).
+    device_map: the model spread over several devices by accelerate (random weights: built on the CPU, then
+    placed) instead of put on `device`."""
     if name in SHAPES:
         cfg = config_of(name, **({"vocab_size": vocab_size} if vocab_size else {}))
-        return from_config(cfg, device, dtype), RANDOM_NOTE
+        return _placed(cfg, device, dtype, device_map), RANDOM_NOTE
     from ..models import load_model, resolve
 
     if not random_weights:
-        model, _ = load_model(name, device=device, dtype=dtype)
+        model, _ = load_model(name, device=device, dtype=dtype, device_map=device_map)
         model.eval().requires_grad_(False)
         model.generation_config.eos_token_id = None  # drafts run their full length, as on random models
         return model, "real weights"
@@ -71,7 +74,30 @@ def build(name: str, device: str, dtype: torch.dtype, random_weights: bool = Fal
 
     cfg = AutoConfig.from_pretrained(resolve(name))
     cfg.name_or_path = f"random:{name}"
-    return from_config(cfg, device, dtype), RANDOM_NOTE
+    return _placed(cfg, device, dtype, device_map), RANDOM_NOTE
+
+
+def _placed(cfg, device: str, dtype: torch.dtype, device_map: str | dict | None):
+    """A random-weight model on `device`, or built on the CPU and dispatched by accelerate over `device_map`: a
+    strategy is resolved by accelerate's infer_auto_device_map, decoder layers kept whole, over memory balanced
+    across the GPUs ("sequential": filling them in order)."""
+    if device_map is None:
+        return from_config(cfg, device, dtype)
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    from ..models import check_placement
+
+    model = from_config(cfg, "cpu", dtype)
+    whole = model._no_split_modules
+    memory = None if device_map == "sequential" else get_balanced_memory(
+        model, no_split_module_classes=whole, dtype=dtype, low_zero=device_map == "balanced_low_0")
+    placement = device_map if isinstance(device_map, dict) else infer_auto_device_map(
+        model, max_memory=memory, no_split_module_classes=whole, dtype=dtype)
+    model = dispatch_model(model, placement)
+    model.hf_device_map = placement
+    check_placement(model)
+    return model
 
 
 def weight_bytes(model) -> int:

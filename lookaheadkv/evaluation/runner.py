@@ -14,7 +14,8 @@ evicted cache, and the answer decoded after it.
 
 Rows go to a JSONL file as each batch finishes (flushed); a rerun skips every row already there (key: model,
 task, length, sample, mode, method label, budget), so an interrupted run resumes and a finished one does
-nothing.
+nothing. Under torchrun the batches are shared out over the processes, each writing a part file that rank 0
+merges at the end (shards.py): the file then holds the rows one process writes, in its order.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import cache as kvcache
+from .. import distributed
 from ..attention import Recording, forward_state
 from ..bench.timing import Clock
 from ..cache import crop
@@ -42,8 +44,9 @@ from ..errors import LookaheadKVError
 from ..generate import evict
 from ..importance import recall_per_sequence, true_importance
 from ..methods import Method
+from ..models import devices
 from ..prefill import Prefill, forward, prefill
-from . import metrics
+from . import metrics, shards
 from .tasks import Sample, make_sample, resolve_tasks
 
 ROW_KEY = ("model", "task", "length", "sample", "mode", "method", "budget")
@@ -215,7 +218,7 @@ def merge(model, copies: Sequence[Copy]):
         for c in copies:
             layer = c.pf.cache.layers[li]
             pad = width - layer.keys.shape[-2]
-            valid = (c.key_valid[li] if c.key_valid is not None
+            valid = (c.key_valid[li].to(layer.keys.device) if c.key_valid is not None
                      else torch.ones(layer.keys.shape[0], layer.keys.shape[-2], dtype=torch.bool,
                                      device=layer.keys.device))
             ks.append(F.pad(layer.keys, (0, 0, pad, 0)))
@@ -303,7 +306,7 @@ class Evaluator:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Adds the block's seconds, its device work included, to self.seconds[name]."""
-        clock = Clock(self.device)
+        clock = Clock(devices(self.model))
         try:
             yield
         finally:
@@ -470,24 +473,31 @@ def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Me
         raise LookaheadKVError("budgets must be positive token counts, e.g. --budgets 64,128,256")
     model_name = model_name or getattr(model, "name_or_path", "") or "model"
     methods = {k: m for k, m in methods.items() if m.evicts}  # the full cache is always run, as the reference
+    distributed.ensure(next(model.parameters()).device)
+    progress = progress and distributed.is_main()
     ev = Evaluator(model, tokenizer, model_name, methods, sorted(set(budgets)), query_agnostic,
-                   note=lambda msg: tqdm.write(msg))
-    done = {row_key(r) for r in read_rows(out)} if out is not None else set()
+                   note=lambda msg: tqdm.write(msg) if distributed.is_main() else None)
     pairs = [("full", None)] + [(k, b) for k in methods for b in ev.budgets]
+    order = shards.plan_order(model_name, names, length, seed, ev.mode, batch, pairs)
+    shards.start(out, order)  # rows an interrupted sharded run left in part files join `out` first
+    done = {row_key(r) for r in read_rows(out)} if out is not None else set()
 
     def key(task: str, index: int, label: str, budget: int | None) -> tuple:
         return (model_name, task, length, sample_id(task, length, seed, index), ev.mode, label, budget)
 
     plan = []  # (task, indices, wanted pairs)
-    todo_rows = 0
+    rows_of = []  # rows each batch of the plan adds
     for start in range(0, n, batch):
         for t in names:
             idx = list(range(start, min(n, start + batch)))
             todo = [(i, p) for i in idx for p in pairs if key(t, i, *p) not in done]
             if todo:
                 plan.append((t, sorted({i for i, _ in todo}), {p for _, p in todo}))
-                todo_rows += len(todo)
-    sink = Sink(out)
+                rows_of.append(len(todo))
+    # this process's every world()-th batch (all of them in one process); the plan goes round-robin over the
+    # tasks, so each rank gets a share of every task
+    plan, todo_rows = distributed.shard(plan), sum(distributed.shard(rows_of))
+    sink = Sink(out if out is None or distributed.world() == 1 else shards.part_path(out, distributed.rank()))
     rows: list[dict] = []
     t_start = time.perf_counter()
     pool = None
@@ -519,4 +529,6 @@ def run_eval(model, tokenizer, tasks: str | Sequence[str], methods: dict[str, Me
             tqdm.write(ev.time_report())
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+    if distributed.world() > 1:
+        rows = shards.finish(out, rows, order)
     return rows
