@@ -7,6 +7,9 @@
    layers hold different numbers of entries, so one mask built by transformers cannot fit all of them.
 3. After eviction, take each layer's mask from the evicted cache (cache.EvictableCache), which knows the
    original position of every entry it holds: sliding-window layers stay sliding-window layers.
+4. Inside `capture_queries`, keep every call's post-RoPE query rows per layer (LAQ's pseudo queries: the
+   queries its draft computes while it decodes on a compressed copy, scored afterwards against the full
+   prompt's keys).
 
 Sliding windows and attention-logit soft-capping (Gemma 2) arrive as the `sliding_window` and `softcap`
 keyword arguments that transformers' attention modules pass to every attention function; both are applied
@@ -278,6 +281,48 @@ def _record(rec: Recording, module: torch.nn.Module, query: torch.Tensor, key: t
     rec.add(module.layer_idx, total, rows)
 
 
+@dataclass
+class Queries:
+    """The post-RoPE query rows of every forward call inside `capture_queries`, per layer, with what scoring
+    them needs: the layer's scaling, sliding window and soft-cap."""
+
+    rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> one [B, Hq, q, D] per call
+    how: dict[int, tuple[float, int | None, float | None]] = field(default_factory=dict)
+
+    def add(self, layer: int, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None) -> None:
+        self.rows.setdefault(layer, []).append(query)
+        self.how[layer] = (scaling, window, softcap)
+
+    @property
+    def n(self) -> int:
+        """Rows captured per layer."""
+        return sum(q.shape[2] for q in next(iter(self.rows.values()), []))
+
+    def attention(self, keys: list[torch.Tensor], first_row: int, key_valid: torch.Tensor | None) -> Recording:
+        """The sum over these rows of their softmax attention over other keys (per layer [B, Hkv, Tk, D]), the
+        rows standing at storage index first_row.. of those keys (first_row = Tk: after all of them)."""
+        rec = Recording(rows=-1)
+        for layer in sorted(self.rows):
+            q = torch.cat(self.rows[layer], dim=2)
+            scaling, window, softcap = self.how[layer]
+            rec.add(layer, row_attention(q, keys[layer], scaling, first_row, key_valid, window, softcap), q.shape[2])
+        return rec
+
+
+_QUERIES: contextvars.ContextVar[Queries | None] = contextvars.ContextVar("lookaheadkv_queries", default=None)
+
+
+@contextlib.contextmanager
+def capture_queries() -> Iterator[Queries]:
+    """Keep the query rows of every attention call of our attention function inside this block."""
+    q = Queries()
+    token = _QUERIES.set(q)
+    try:
+        yield q
+    finally:
+        _QUERIES.reset(token)
+
+
 _CACHE: contextvars.ContextVar = contextvars.ContextVar("lookaheadkv_cache", default=None)
 
 
@@ -308,6 +353,9 @@ def cache_mask(module, query: torch.Tensor) -> torch.Tensor | None:
 def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     state = _STATE.get()
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    captured = _QUERIES.get()
+    if captured is not None:
+        captured.add(module.layer_idx, query, module.scaling if scaling is None else scaling, window, softcap)
     evicted_mask = cache_mask(module, query)
     if state is not None:
         scaling = module.scaling if scaling is None else scaling

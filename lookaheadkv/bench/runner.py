@@ -151,7 +151,7 @@ class Bench:
         reset_peak(self.device)
         clock = Clock(self.device)
         try:
-            pf = prefill(self.model, ids, record_rows=m.prefill_rows() if m.evicts else 0,
+            pf = prefill(self.model, ids, record_rows=m.recorded() if m.evicts else 0,
                          extra=m.prefill_extra(self.model) if m.evicts else None)
             t_prefill = clock.lap()
             full_bytes = kv_bytes(pf.cache)
@@ -183,13 +183,14 @@ class Bench:
         """Seconds the in-prefill recording of this method's rows costs over all layers, timed directly on
         query and key tensors of the model's shapes (the recording is otherwise hidden inside the prefill):
         {"used": the path the prefill takes, and, where that is the fused kernel, "pytorch": the other path}."""
-        rows = m.prefill_rows() if m.evicts else 0
+        counts = m.recorded() if m.evicts else []
         extra = m.prefill_extra(self.model) if m.evicts else None
         if extra is not None:
-            rows = extra.embeds.shape[1]
-        if rows == 0:
+            counts = [extra.embeds.shape[1]]
+        if not counts:
             return {"used": 0.0}
-        rows = length if rows < 0 else rows
+        counts = [length if r < 0 else r for r in counts]
+        rows = max(counts)
         cfg = self.model.config
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         q = torch.randn(1, cfg.num_attention_heads, rows, d, device=self.device, dtype=self.dtype)
@@ -198,9 +199,10 @@ class Bench:
         layer = SimpleNamespace(layer_idx=0)
 
         def all_layers():
-            rec = attention.Recording(rows=rows, columns=length if extra is not None else None)
+            recs = [attention.Recording(rows=r, columns=length if extra is not None else None) for r in counts]
             for _ in range(cfg.num_hidden_layers):
-                attention._record(rec, layer, q, k, d**-0.5, None)
+                for rec in recs:
+                    attention._record(rec, layer, q, k, d**-0.5, None)
 
         out = {"used": median(time_calls(all_layers, self.device, self.cfg.repeats, warmup=1))}
         if kernels.pays(q):
@@ -303,7 +305,7 @@ class Bench:
             if spec not in self.methods or not self.methods[spec].evicts:
                 continue
             m = self.methods[spec]
-            base = prefill(self.model, ids, record_rows=m.prefill_rows(), extra=m.prefill_extra(self.model))
+            base = prefill(self.model, ids, record_rows=m.recorded(), extra=m.prefill_extra(self.model))
             for b in self.cfg.decode_budgets:
                 if b >= length:
                     continue
