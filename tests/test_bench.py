@@ -126,6 +126,67 @@ def test_row_attention_equals_the_plain_formula(padded):
         assert torch.allclose(fast.double(), ref, atol=1e-6) and torch.allclose(graph.double(), ref, atol=1e-6)
 
 
+def test_row_sums_given_the_log_sum_exp_equal_the_plain_formula():
+    g = torch.Generator().manual_seed(4)
+    for b, hq, hkv, r, tk, first in [(1, 8, 2, 5, 40, 35), (2, 6, 3, 4, 50, 20), (2, 4, 4, 6, 6, 0)]:
+        q, k = torch.randn(b, hq, r, 16, generator=g).double(), torch.randn(b, hkv, tk, 16, generator=g).double()
+        ref = plain_row_attention(q, k, 0.3, first, None)
+        logits = torch.einsum("bhgrd,bhkd->bhgrk", q.view(b, hkv, hq // hkv, r, 16), k) * 0.3
+        hidden = ~attention.storage_mask(None, r, tk, first)[:, :, None]
+        lse = logits.masked_fill(hidden, float("-inf")).logsumexp(-1).reshape(b, hq, r)
+        assert torch.allclose(attention.row_sums(q, k, 0.3, first, lse), ref, atol=1e-12)
+
+
+def test_the_prompts_recording_from_its_attention_calls_normaliser_equals_the_two_pass_path(monkeypatch):
+    """In fp64: a prompt's own call gives its output and each row's log-sum-exp from the kernel torch picks,
+    and each recording then takes one pass over the keys: recordings, logits and kept sets as before, for
+    every method that records prompt rows (H2O in chunks, LAQ's two windows, single-pass LookaheadKV's rows)."""
+    from conftest import left_pad, tiny_model
+
+    from lookaheadkv import lookahead
+    from lookaheadkv.generate import evict
+    from lookaheadkv.methods import get_method, parse_spec
+    from lookaheadkv.prefill import prefill
+
+    model = tiny_model()
+    lookahead.create(model, n=4)
+    ids = torch.randint(3, 128, (2, 70), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(attention, "ROW_CHUNK", 16)  # H2O's rows in chunks
+    taken = []
+    real = attention._lse_op
+    monkeypatch.setattr(attention, "_lse_op", lambda *a: taken.append(1) or real(*a))
+    for spec in ["snapkv:window=8", "pyramidkv:window=8", "h2o:window=8", "laq:window=4:draft_window=8:k=3",
+                 "lookahead"]:
+        m = get_method(*parse_spec(spec)[:1], **parse_spec(spec)[1])
+        runs = []
+        for off in ("0", "1"):
+            monkeypatch.setenv("LOOKAHEADKV_NO_SDPA_LSE", off)
+            taken.clear()
+            pf = prefill(model, ids, record_rows=m.recorded(), extra=m.prefill_extra(model))
+            assert bool(taken) == (off == "0")  # one call a layer serves all its recordings
+            recs = {r: rec.mean() for r, rec in pf.recordings.items()}
+            recs.update({"extra": pf.extra.mean()} if pf.extra else {})
+            runs.append((recs, pf.next_logits, evict(model, pf, m, 30).kept))
+        (a, la, ka), (b, lb, kb) = runs
+        assert a.keys() == b.keys() and torch.allclose(la, lb, atol=1e-12)
+        for r in a:
+            assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(a[r], b[r]))
+        assert all(torch.equal(x, y) for x, y in zip(ka, kb))
+    monkeypatch.setenv("LOOKAHEADKV_NO_SDPA_LSE", "0")
+    taken.clear()
+    padded, mask = left_pad([ids[0], ids[1, :50]])
+    prefill(model, padded, mask, record_rows=8)
+    assert not taken  # a padded prompt's mask: SDPA and the two-pass recording, as before
+    monkeypatch.setattr(attention, "_LSE_OK", True)
+    monkeypatch.setattr(attention, "_LSE_CHECKED", set())
+    monkeypatch.setattr(attention, "_lse_op", lambda *a: (lambda o, lse: (o, lse + 1.0))(*real(*a)))
+    bad = prefill(model, ids, record_rows=8).recording.mean()
+    assert attention._LSE_OK is False  # an op whose log-sum-exp does not normalise is checked once, then left
+    monkeypatch.setenv("LOOKAHEADKV_NO_SDPA_LSE", "1")
+    good = prefill(model, ids, record_rows=8).recording.mean()
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(bad, good))
+
+
 def test_batched_score_and_select_equal_the_per_layer_formulas():
     g = torch.Generator().manual_seed(6)
     for trial in range(40):
