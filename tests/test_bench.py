@@ -79,6 +79,20 @@ def test_every_run_is_at_a_fresh_length_and_plain_transformers_is_timed_beside(r
     assert "| vs plain, stages | vs plain, paired TTFT |" in table and "| 56 | plain |" in table
 
 
+def test_plain_transformers_runs_without_our_attention_and_the_lookahead_wrappers():
+    from peft.tuners.lora import LoraLayer
+
+    bench = Bench(BenchConfig(**{**TINY, "contexts": [40], "methods": ["full", "lookahead"], "decode_batches": []}))
+    model, seen = bench.model, []
+    hook = model.register_forward_pre_hook(lambda mod, args: seen.append(
+        (mod.config._attn_implementation, sum(isinstance(m, LoraLayer) for m in mod.modules()))))
+    run = bench._plain_once(bench._ids(1, 40))
+    hook.remove()
+    assert seen == [("sdpa", 0)] and run["kv_bytes_full"] > 0
+    assert model.config._attn_implementation == "lookaheadkv"
+    assert sum(isinstance(m, LoraLayer) for m in model.modules()) == 7 * 3  # put back: 7 projections, 3 layers
+
+
 def test_overheads_against_plain_and_full_are_the_timed_numbers_paired(monkeypatch):
     """Stubbed timings, known answers: each ratio is paired within its repeat (the median of the pairs, not
     the ratio of the medians), and the timed-stage figure against plain is our full TTFT plus the method's
@@ -308,3 +322,29 @@ def test_targets_are_judged_as_defined_on_hand_made_numbers():
     result["meta"]["config"]["dtype"] = "bfloat16"
     assert "| lookahead adapter stage <= 3 ms | 32768 | 2.50 ms | yes |" in markdown(result)
 
+
+@pytest.mark.slow
+def test_the_gpu_script_rehearses_every_stage_on_the_cpu(tmp_path):
+    """scripts/gpu/bench_issue12.sh with REHEARSAL=1: every stage of the GPU call at tiny sizes (about a minute)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, REHEARSAL="1", OUT=str(tmp_path / "out"), LOOKAHEADKV_HOME=str(tmp_path / "home"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run(["bash", "scripts/gpu/bench_issue12.sh"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = tmp_path / "out"
+    names = {p.name for p in out.iterdir()}
+    assert names == {"llama31_8b.json", "llama31_8b_lse_off.json", "smollm2.json", "qwen3_8b.json", "log.txt",
+                     "gpu.txt"}
+    llama = json.loads((out / "llama31_8b.json").read_text())
+    rows = {(r["context"], r["method"]) for r in llama["ttft"]}
+    assert rows >= {(192, "plain"), (128, "laq:k=8"), (160, "lookahead")}
+    assert {d["batch"] for d in llama["decode"]} == {1, 8, 16} and len(llama["meta"]["stages"]) == 3
+    off = json.loads((out / "llama31_8b_lse_off.json").read_text())
+    assert off["meta"]["stages"][0]["env"] == {"LOOKAHEADKV_NO_SDPA_LSE": "1"}
+    assert "python3 scripts/gpu/bench_issue12.py" in (out / "log.txt").read_text()

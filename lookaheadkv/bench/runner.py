@@ -87,14 +87,16 @@ def storage_bytes(cache) -> int:
 
 
 class Bench:
-    def __init__(self, cfg: BenchConfig):
+    def __init__(self, cfg: BenchConfig, built: tuple | None = None):
+        """`built`: (model, note) of an earlier Bench of the same cfg.model, dtype and device, to reuse (one GPU
+        process timing several configurations builds each model once)."""
         self.cfg = cfg
         if cfg.dtype not in DTYPES:
             raise LookaheadKVError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
         self.device = check_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         clock = Clock("cpu")
-        self.model, self.note = shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights)
+        self.model, self.note = built or shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights)
         self.notes: list[str] = [self.note]
         self.methods = {spec: self._method(spec) for spec in cfg.methods}
         if "full" not in self.methods:
@@ -496,12 +498,23 @@ class Bench:
 
 @contextlib.contextmanager
 def plain_attention(model):
-    """transformers' own sdpa attention inside the block, ours again after it."""
+    """The model as plain transformers runs it inside the block: its own sdpa attention, and the base layers
+    in place of the lookahead LoRA's PEFT wrappers (switched off, but each a Python call on every forward);
+    ours again after it."""
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    for name, m in wrapped:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, m.base_layer)
     model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
         attention.install(model)
+        for name, m in wrapped:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, m)
 
 
 def _plain_row(length: int, rs: list[dict], full: list[dict]) -> dict:
