@@ -2,11 +2,16 @@
 
 1. Record the attention that chosen query rows pay to the keys (the "glimpse"), computed only for those
    rows, in fp32, per query head, with GQA handled by grouping (no repeat_kv copies). Nothing ever
-   materialises prompt x prompt attention: all-rows recording (H2O) runs in chunks of rows.
+   materialises prompt x prompt attention: all-rows recording (H2O) runs in chunks of rows. In a prompt's
+   own causal call the attention kernel torch picks also returns each row's softmax normaliser (its
+   log-sum-exp), so the recording takes one pass over the keys instead of two (`prompt_attention`).
 2. Apply a per-layer key-validity mask. After per-layer eviction (PyramidKV) of a left-padded batch the
    layers hold different numbers of entries, so one mask built by transformers cannot fit all of them.
 3. After eviction, take each layer's mask from the evicted cache (cache.EvictableCache), which knows the
    original position of every entry it holds: sliding-window layers stay sliding-window layers.
+4. Inside `capture_queries`, keep every call's post-RoPE query rows per layer (LAQ's pseudo queries: the
+   queries its draft computes while it decodes on a compressed copy, scored afterwards against the full
+   prompt's keys).
 
 Sliding windows and attention-logit soft-capping (Gemma 2) arrive as the `sliding_window` and `softcap`
 keyword arguments that transformers' attention modules pass to every attention function; both are applied
@@ -19,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -117,6 +124,26 @@ def storage_mask(key_valid: torch.Tensor | None, n_rows: int, n_keys: int, first
     if key_valid is not None:
         mask = (mask & key_valid[:, None, None, :]) | (key_idx == row_idx)[None, None]
     return mask
+
+
+def row_sums(query: torch.Tensor, key: torch.Tensor, scaling: float, first_row: int, lse: torch.Tensor
+             ) -> torch.Tensor:
+    """row_attention (causal, no pads) for rows whose log-sum-exp lse [B, Hq, R] is known (from the attention
+    call itself): the sum over rows of exp(q k^T * scaling - lse), one pass over the keys, no softmax."""
+    if kernels.pays(query):
+        return kernels.row_sums(query, key, scaling, first_row, lse)
+    b, hq, r, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    dt = _score_dtype(query)
+    q = query.to(dt).reshape(b, hkv, hq // hkv * r, d).reshape(b * hkv, -1, d)
+    logits = torch.baddbmm(query.new_zeros((), dtype=dt), q, key.to(dt).reshape(b * hkv, tk, d).transpose(1, 2),
+                           beta=0.0, alpha=scaling).view(b, hkv, hq // hkv, r, tk)
+    logits -= lse.to(dt).view(b, hkv, hq // hkv, r, 1)
+    lo = first_row + 1
+    if lo < tk:  # a row is hidden only the keys after its own index
+        rows = torch.arange(first_row, first_row + r, device=query.device)[:, None]
+        logits[..., lo:].masked_fill_(torch.arange(lo, tk, device=query.device)[None, :] > rows, float("-inf"))
+    return logits.exp_().sum(dim=3).reshape(b, hq, tk)
 
 
 def _score_dtype(x: torch.Tensor) -> torch.dtype:
@@ -262,20 +289,164 @@ def softcapped_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
 
 def _record(rec: Recording, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
             scaling: float, key_valid: torch.Tensor | None, window: int | None = None,
-            softcap: float | None = None) -> None:
+            softcap: float | None = None, lse: torch.Tensor | None = None) -> None:
+    """Add this call's recorded rows to rec; with `lse` (each query row's log-sum-exp, from the attention
+    call; causal rows, no pads, no window or soft-cap) in one pass over the keys."""
     n_q, n_k = query.shape[2], key.shape[2]
     rows = n_q if rec.rows < 0 else min(rec.rows, n_q)
     start = n_q - rows
+
+    def part(s: int, e: int, seen: int) -> torch.Tensor:
+        if lse is not None:
+            return row_sums(query[:, :, s:e], key[:, :, :seen], scaling, n_k - n_q + s, lse[:, :, s:e])
+        return row_attention(query[:, :, s:e], key[:, :, :seen], scaling, n_k - n_q + s,
+                             None if key_valid is None else key_valid[:, :seen], window, softcap)
+
     if n_q - start <= ROW_CHUNK:  # the usual glimpse: one chunk, all keys
-        total = row_attention(query[:, :, start:], key, scaling, n_k - rows, key_valid, window, softcap)
+        total = part(start, n_q, n_k)
     else:
         total = query.new_zeros(query.shape[0], query.shape[1], n_k, dtype=_score_dtype(query))
         for s in range(start, n_q, ROW_CHUNK):
             e = min(s + ROW_CHUNK, n_q)
-            seen = n_k - n_q + e  # keys past the chunk's last row are causally hidden from all of its rows
-            total[..., :seen] += row_attention(query[:, :, s:e], key[:, :, :seen], scaling, n_k - n_q + s,
-                                               None if key_valid is None else key_valid[:, :seen], window, softcap)
+            total[..., :n_k - n_q + e] += part(s, e, n_k - n_q + e)  # later keys are hidden from all its rows
     rec.add(module.layer_idx, total, rows)
+
+
+_LSE_OK = True  # until a call shows this torch or device cannot
+
+
+def _lse_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+    """(output [B, Hq, L, D], log-sum-exp [B, Hq, L]) of the causal attention of a prompt's own call, from the
+    backend torch's dispatcher chooses for it (respecting sdpa_kernel), or None where that backend's op
+    returns no log-sum-exp (math) or cannot take the call."""
+    gqa = query.shape[1] != key.shape[1]
+    choice = torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scaling, enable_gqa=gqa)
+    if choice == SDPBackend.FLASH_ATTENTION.value:
+        if query.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
+                                                                                   scale=scaling)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True,
+                                                                          scale=scaling)[:2]
+    elif choice == SDPBackend.CUDNN_ATTENTION.value:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True,
+                                                                      scale=scaling)[:2]
+    elif choice == SDPBackend.EFFICIENT_ATTENTION.value and not gqa:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0,
+                                                                          True, scale=scaling)[:2]
+    else:
+        return None
+    b, hq, n = query.shape[:3]
+    lse = lse[..., :n]  # the memory-efficient kernel pads its rows
+    if out.shape != query.shape[:3] + value.shape[3:] or lse.numel() != b * hq * n:
+        raise RuntimeError(f"unexpected shapes from SDPA backend {choice}: {tuple(out.shape)}, {tuple(lse.shape)}")
+    return out, lse.reshape(b, hq, n)
+
+
+_LSE_BACKENDS = (SDPBackend.FLASH_ATTENTION.value, SDPBackend.CUDNN_ATTENTION.value)
+
+
+def lse_applies(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a prompt's own causal call of this shape gets its rows' log-sum-exp from the attention kernel
+    (prompt_attention), judged by torch's backend choice for a small probe of it."""
+    if not _LSE_OK or os.environ.get("LOOKAHEADKV_NO_SDPA_LSE") == "1":
+        return False
+    q = torch.zeros(1, heads, 16, head_dim, dtype=dtype, device=device)
+    k = torch.zeros(1, kv_heads, 16, head_dim, dtype=dtype, device=device)
+    choice = torch._fused_sdp_choice(q, k, k, None, 0.0, True, scale=1.0, enable_gqa=heads != kv_heads)
+    return choice in _LSE_BACKENDS or (choice == SDPBackend.EFFICIENT_ATTENTION.value and heads == kv_heads)
+
+
+_LSE_CHECKED: set[tuple] = set()
+
+
+def _lse_checked(query, key, value, scaling, out, lse) -> bool:
+    """Once per device, dtype and head layout: the private op's output equals public SDPA's and its rows'
+    probabilities from the log-sum-exp sum to 1 (a private op's contract may change between torch releases)."""
+    tag = (query.device.type, query.dtype, query.shape[1], key.shape[1])
+    if tag in _LSE_CHECKED:
+        return True
+    ref = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    tol = 1e-5 if query.dtype in (torch.float32, torch.float64) else 2e-2
+    n = query.shape[2]
+    total = row_sums(query[:, :, -1:], key, scaling, n - 1, lse[:, :, -1:]).sum(dim=-1)  # each row's softmax: 1
+    ok = bool((out - ref).abs().max() <= tol * ref.abs().max().clamp(min=1)) and bool(((total - 1).abs() < 1e-2).all())
+    if ok:
+        _LSE_CHECKED.add(tag)
+    return ok
+
+
+def prompt_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                     records: list[Recording]) -> torch.Tensor | None:
+    """A prompt's own causal call (no mask, no cache before it) that records some of its rows: the output
+    [B, L, Hq, D] as transformers' sdpa returns it, from the same kernel, which also gives each row's
+    log-sum-exp, so each recording takes a single pass over the keys (the softmax's normaliser comes out of
+    the attention call). None where it does not apply: the caller records and attends as usual.
+    LOOKAHEADKV_NO_SDPA_LSE=1 switches it off (to time or check the two paths against each other)."""
+    global _LSE_OK
+    if not _LSE_OK or os.environ.get("LOOKAHEADKV_NO_SDPA_LSE") == "1" or not getattr(module, "is_causal", True):
+        return None
+    if any(rec.grad for rec in records) and torch.is_grad_enabled():
+        return None
+    if getattr(module, "sinks", None) is not None or query.shape[1] % key.shape[1] or key.dtype != query.dtype:
+        return None
+    try:
+        got = _lse_op(query, key, value, scaling)
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):  # this torch or device: never again
+        _LSE_OK = False
+        return None
+    if got is None:
+        return None
+    out, lse = got
+    if not _lse_checked(query, key, value, scaling, out, lse):
+        _LSE_OK = False
+        return None
+    for rec in records:
+        _record(rec, module, query, key, scaling, None, lse=lse)
+    return out.transpose(1, 2).contiguous()
+
+
+@dataclass
+class Queries:
+    """The post-RoPE query rows of every forward call inside `capture_queries`, per layer, with what scoring
+    them needs: the layer's scaling, sliding window and soft-cap."""
+
+    rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> one [B, Hq, q, D] per call
+    how: dict[int, tuple[float, int | None, float | None]] = field(default_factory=dict)
+
+    def add(self, layer: int, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None) -> None:
+        self.rows.setdefault(layer, []).append(query)
+        self.how[layer] = (scaling, window, softcap)
+
+    @property
+    def n(self) -> int:
+        """Rows captured per layer."""
+        return sum(q.shape[2] for q in next(iter(self.rows.values()), []))
+
+    def attention(self, keys: list[torch.Tensor], first_row: int, key_valid: torch.Tensor | None) -> Recording:
+        """The sum over these rows of their softmax attention over other keys (per layer [B, Hkv, Tk, D]), the
+        rows standing at storage index first_row.. of those keys (first_row = Tk: after all of them)."""
+        rec = Recording(rows=-1)
+        for layer in sorted(self.rows):
+            q = torch.cat(self.rows[layer], dim=2)
+            scaling, window, softcap = self.how[layer]
+            rec.add(layer, row_attention(q, keys[layer], scaling, first_row, key_valid, window, softcap), q.shape[2])
+        return rec
+
+
+_QUERIES: contextvars.ContextVar[Queries | None] = contextvars.ContextVar("lookaheadkv_queries", default=None)
+
+
+@contextlib.contextmanager
+def capture_queries() -> Iterator[Queries]:
+    """Keep the query rows of every attention call of our attention function inside this block."""
+    q = Queries()
+    token = _QUERIES.set(q)
+    try:
+        yield q
+    finally:
+        _QUERIES.reset(token)
 
 
 _CACHE: contextvars.ContextVar = contextvars.ContextVar("lookaheadkv_cache", default=None)
@@ -308,6 +479,9 @@ def cache_mask(module, query: torch.Tensor) -> torch.Tensor | None:
 def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     state = _STATE.get()
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    captured = _QUERIES.get()
+    if captured is not None:
+        captured.add(module.layer_idx, query, module.scaling if scaling is None else scaling, window, softcap)
     evicted_mask = cache_mask(module, query)
     if state is not None:
         scaling = module.scaling if scaling is None else scaling
@@ -324,6 +498,11 @@ def lookaheadkv_attention(module, query, key, value, attention_mask, scaling=Non
             out, total = attend_and_record(query, key, value, scaling, valid)
             rec.add(module.layer_idx, total if rec.grad else total.detach(), query.shape[2])
             return out, None
+        if (records and valid is None and evicted_mask is None and attention_mask is None and window is None
+                and softcap is None and not kwargs.get("dropout") and query.shape[2] == key.shape[2] > 1):
+            out = prompt_attention(module, query, key, value, scaling, records)
+            if out is not None:
+                return out, None
         if valid is not None and evicted_mask is None:
             attention_mask = storage_mask(valid, query.shape[2], key.shape[2], window=window)
         for rec in records:

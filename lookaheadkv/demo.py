@@ -45,7 +45,7 @@ def run_demo(model_name: str, budget: int, methods: list[str] | None, device: st
         enc = tokenize(model, tok, [prompt], max_new_tokens=32)
         ids = enc["input_ids"].to(device)
         t0 = time.perf_counter()
-        shared = prefill(model, ids, record_rows=[m.prefill_rows() for m in chosen])
+        shared = prefill(model, ids, record_rows=[r for m in chosen for r in m.recorded()])
         prefill_s = time.perf_counter() - t0
         click.echo(f"\nQ: {question}  (prompt {ids.shape[1]} tokens, shared prefill {prefill_s:.1f}s, "
                    f"budget {budget})")

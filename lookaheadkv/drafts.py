@@ -1,19 +1,21 @@
 """Glimpse by generation: LAQ and SpecKV score the prompt with the query rows of a drafted answer.
 
-Both are query-row sources for the shared scoring core. Their rows are those of the last `window` prompt
-tokens (recorded in the prefill, as for SnapKV) pooled with those of `k` draft tokens, which the target runs
-after its cached prompt at their true positions (prefill.attend_rows) and then drops again. They differ
-only in who writes the draft:
+Both are query-row sources for the shared scoring core: the rows of the last `window` prompt tokens
+(recorded in the prefill, as for SnapKV) pooled with the rows of up to `k` draft tokens, which are then
+dropped again. They differ in who writes the draft and where its rows come from:
 
-- laq (Lookahead Q-Cache, EMNLP 2025): the target itself, greedily, on a copy of the prompt cache that
-  SnapKV has compressed to `draft_budget` entries.
+- laq (Lookahead Q-Cache, EMNLP 2025): the target itself decodes the draft on a copy of the prompt cache that
+  SnapKV has compressed to the eviction budget, and the queries those decode steps compute are the rows
+  (see LAQ below: what the paper's code does, and where ours differs).
 - speckv (SpecKV, "Draft-based Approximate Inference", ICLR 2026): a smaller draft model with the same
-  tokenizer, greedily, from the same prompt ids.
+  tokenizer writes the draft greedily from the same prompt ids; the target runs the draft tokens after its
+  cached prompt at their true positions (prefill.attend_rows), and their rows are those of that pass.
 
 Decoding then starts from the full prefill's logits, as if no draft had happened. The extra cost shows in
 Eviction.parts: "draft_compress" (LAQ's SnapKV copy), "draft_prefill" (SpecKV's draft-model prefill; a
-named draft model's one-time load shows as "draft_load"), "draft_decode" (the k greedy steps) and
-"draft_rows" (the target's pass over the draft).
+named draft model's one-time load shows as "draft_load"), "draft_decode" (the greedy steps), "draft_score"
+(LAQ: its captured queries against the full prompt keys) and "draft_rows" (SpecKV: the target's pass over
+the draft).
 
 A drafted token that is EOS ends a single sequence's draft (the answer would end there). In a batch, all
 sequences draft exactly k tokens, so rows stay aligned (a sequence that ended early drafts on past its EOS).
@@ -31,9 +33,10 @@ import torch
 
 from . import attention
 from .architectures import n_layers
+from .attention import Recording
 from .decode import Sampling, decode
 from .errors import LookaheadKVError
-from .generate import evict, timed
+from .generate import evict, eviction_budget, timed
 from .methods import Method, get_method, register
 from .prefill import Prefill, attend_rows, prefill
 
@@ -51,39 +54,42 @@ def _as_tensor(tokens: list[list[int]], device: torch.device) -> torch.Tensor:
 
 @dataclass
 class Drafted(Method, abc.ABC):
-    """Shared glimpse of the drafting methods: [last `window` prompt rows + k draft rows]; subclasses draft."""
+    """Shared glimpse of the drafting methods: [last `window` prompt rows + the draft's rows]."""
 
     k: int = 8
-    # Reuse the last draft and its rows' attention for clones of the same prefill (they share input_ids and
-    # next_logits): an evaluation that evicts one prefill at many budgets drafts once. The reused evictions
-    # then report no draft time.
+    # Reuse the last draft's rows for clones of the same prefill (they share input_ids and next_logits) at
+    # the same draft budget: an evaluation that evicts one prefill at many budgets drafts once per draft
+    # budget. The reused evictions then report no draft time.
     reuse_draft: bool = False
 
     def prefill_rows(self) -> int:
         return self.window
 
     @abc.abstractmethod
-    def draft(self, model, pf: Prefill) -> torch.Tensor:
-        """[B, n <= k] greedy draft tokens continuing the prompt (the first one from pf.next_logits)."""
+    def draft_rows(self, model, pf: Prefill) -> Recording | None:
+        """The draft's rows' attention onto the prompt (None: the draft came out empty)."""
+
+    def _reuse_key(self) -> object:
+        return None
 
     def glimpse(self, model, pf: Prefill) -> list[torch.Tensor]:
-        last = self._last
-        if self.reuse_draft and last is not None and last[0] is pf.input_ids and last[1] is pf.next_logits:
-            return last[2]
+        last, key = self._last, self._reuse_key()
+        if self.reuse_draft and last is not None and last[0] is pf.input_ids and last[1] is pf.next_logits \
+                and last[2] == key:
+            return last[3]
         rec = None
         if self.window > 0:
-            base = pf.recordings[self.window]  # copied, so the prefill's own recording serves other methods
-            rec = base.copy()
-        if self.k > 0:
-            tokens = self.draft(model, pf)
-            if tokens.shape[1] > 0:
-                with timed("draft_rows"):
-                    rows = attend_rows(model, pf, input_ids=tokens)
-                rec = rows if rec is None else rec.merge(rows)
+            if self.window not in pf.recordings:
+                raise LookaheadKVError(f"{self.name} reads the prefill's recording of the last {self.window} rows, "
+                                       "which this prefill lacks: prefill with record_rows=method.recorded()")
+            rec = pf.recordings[self.window].copy()  # copied, so the prefill's own recording serves other methods
+        rows = self.draft_rows(model, pf) if self.k > 0 else None
+        if rows is not None:
+            rec = rows if rec is None else rec.merge(rows)
         if rec is None:
             raise LookaheadKVError(f"{self.name} has no query rows: window and k are both 0; raise one of them")
         out = rec.mean()
-        self._last = (pf.input_ids, pf.next_logits, out) if self.reuse_draft else None
+        self._last = (pf.input_ids, pf.next_logits, key, out) if self.reuse_draft else None
         return out
 
     def __post_init__(self) -> None:
@@ -95,30 +101,91 @@ class Drafted(Method, abc.ABC):
 @register
 @dataclass
 class LAQ(Drafted):
+    """Lookahead Q-Cache (Wang et al., "Lookahead Q-Cache: Achieving More Consistent KV Cache Eviction via
+    Pseudo Query", EMNLP 2025, arXiv 2505.20334), as its authors' code runs it (github.com/noforit/
+    Lookahead_Q-Cache: LlamaForCausalLM_forward_LAQ, select_KV_lookahead_stage and select_KV_decoding_stage
+    in pyramidkv/llama_model.py, SnapKVCluster.update_kv_LAQ and DynamicCache_LAQ in
+    pyramidkv/pyramidkv_utils.py, the settings of run_LAQ.sh and run_needle_in_haystack.py):
+
+    1. After the full prefill, SnapKV (its last `draft_window` = 32 rows, max-pooled, kernel 7) compresses a
+       copy of the cache to the eviction budget itself: the scripts set the draft's capacity to the
+       eviction's (`draft_budget` None, the default, follows the budget; a number fixes it).
+    2. The target decodes greedily on that copy for `k` = 8 steps, fed the full prefill's first token and
+       then each step's own (an EOS ends them early). The queries those steps compute, every layer's,
+       post-RoPE, are kept as they run: the pseudo lookahead queries. No second pass over the full cache.
+    3. Those k rows and the last `window` = 8 prompt rows (the scripts' default, "LAQ++"; window=0 is LAQ
+       alone, with no recent window kept) score the full prompt's keys: softmax over the prompt keys,
+       rows pooled, max-pooled (kernel 7); the top budget - window positions are kept with the window.
+    4. Decoding starts from the full prefill's logits, on the full cache evicted so; the draft is dropped.
+
+    Its cost: the SnapKV copy, k forward steps of the whole model over a budget-sized cache, and a k-row
+    score per layer over the prompt keys. Where ours differs, on purpose: the authors' cache repeats the KV
+    heads (repeat_kv) and keeps entries per query head; ours reduces each GQA group onto its KV head (`gqa`),
+    as every method here does. Their second-stage mask is SnapKV's triangle laid on the last window + k
+    prompt columns, which hides a few prompt keys from some rows; ours lets each window row see its causal
+    prefix and each draft row the whole prompt. A batch drafts k tokens in every sequence."""
+
     name = "laq"
-    summary = "the target drafts k tokens on a SnapKV-compressed copy; [window + draft] rows score the full cache"
+    summary = "the target drafts k tokens on a SnapKV copy at the budget; their queries + the window's score the prompt"
+    window: int = 8
     k: int = 8
-    draft_budget: int = 256  # entries per layer and KV head of the compressed copy the draft is written on
+    draft_window: int = 32  # the SnapKV window that compresses the copy the draft is written on
+    draft_budget: int | None = None  # entries per layer and KV head of that copy; None: the eviction budget
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window < 1:
-            raise LookaheadKVError(f"laq writes its draft on a SnapKV copy, which scores with the last `window` "
-                                   f"prompt tokens: window must be >= 1, got {self.window}")
+        if self.k > 0 and self.draft_window < 1:
+            raise LookaheadKVError(f"laq writes its draft on a SnapKV copy, which scores with the last "
+                                   f"`draft_window` prompt tokens: draft_window must be >= 1, got {self.draft_window}")
 
-    def draft(self, model, pf: Prefill) -> torch.Tensor:
-        snap = get_method("snapkv", window=self.window, keep_window=self.keep_window, sinks=self.sinks,
-                          pooling=self.pooling, kernel=self.kernel, gqa=self.gqa)
-        if self.draft_budget < snap.floor():
-            raise LookaheadKVError(f"laq: draft_budget {self.draft_budget} is below the {snap.floor()} entries "
-                                   "SnapKV always keeps (window + sinks); raise draft_budget or lower the window")
+    def recorded(self) -> list[int]:
+        return [r for r in dict.fromkeys([self.window, self.draft_window if self.k > 0 else 0]) if r]
+
+    def budget_free(self) -> bool:
+        return self.k == 0 or self.draft_budget is not None
+
+    def _budget(self) -> int:
+        b = self.draft_budget if self.draft_budget is not None else eviction_budget()
+        if b is None:
+            raise LookaheadKVError("laq drafts on a copy compressed to the eviction budget, unknown here (scores "
+                                   "asked outside evict()): evict with a budget, or give draft_budget=N")
+        return b
+
+    def _reuse_key(self) -> object:
+        return self._budget() if self.k > 0 else None
+
+    def draft_queries(self, model, pf: Prefill) -> tuple[torch.Tensor, attention.Queries]:
+        """The draft tokens [B, n <= k] decoded on the SnapKV copy and the queries those steps computed."""
+        budget = self._budget()
+        snap = get_method("snapkv", window=self.draft_window, sinks=self.sinks, pooling=self.pooling,
+                          kernel=self.kernel, gqa=self.gqa)
+        if budget < snap.floor():
+            raise LookaheadKVError(f"laq drafts on a SnapKV copy at {budget} entries, below the {snap.floor()} "
+                                   f"SnapKV keeps (draft_window {self.draft_window} + sinks {self.sinks}); raise the "
+                                   "budget (or draft_budget) or lower draft_window")
+        if self.draft_window not in pf.recordings:
+            raise LookaheadKVError(f"laq's SnapKV copy reads the prefill's recording of the last {self.draft_window} "
+                                   "rows, which this prefill lacks: prefill with record_rows=method.recorded()")
         with timed("draft_compress"):
             copy = pf.clone()
-            key_valid = evict(model, copy, snap, self.draft_budget).key_valid
-        with timed("draft_decode"):
-            tokens = decode(model, copy, key_valid, _eos(model, pf.input_ids.shape[0]), Sampling(self.k))
+            key_valid = evict(model, copy, snap, budget).key_valid
+        # k + 1 tokens take k forward steps: the first token comes from the full prefill, the last is not fed
+        with timed("draft_decode"), attention.capture_queries() as queries:
+            tokens = decode(model, copy, key_valid, _eos(model, pf.input_ids.shape[0]), Sampling(self.k + 1))
         del copy
-        return _as_tensor(tokens, pf.input_ids.device)
+        return _as_tensor([t[: queries.n] for t in tokens], pf.input_ids.device), queries
+
+    def draft(self, model, pf: Prefill) -> torch.Tensor:
+        """[B, n <= k] the tokens whose queries score the prompt."""
+        return self.draft_queries(model, pf)[0]
+
+    def draft_rows(self, model, pf: Prefill) -> Recording | None:
+        _, queries = self.draft_queries(model, pf)
+        if queries.n == 0:
+            return None
+        with timed("draft_score"):  # after every prompt key: the draft rows see the whole prompt
+            keys = [layer.keys for layer in pf.cache.layers]
+            return queries.attention(keys, pf.length, pf.valid if pf.padded else None)
 
 
 @functools.cache
@@ -171,7 +238,15 @@ class SpecKV(Drafted):
         check_same_tokenizer(model, dm)
         return dm
 
+    def draft_rows(self, model, pf: Prefill) -> Recording | None:
+        tokens = self.draft(model, pf)
+        if tokens.shape[1] == 0:
+            return None
+        with timed("draft_rows"):
+            return attend_rows(model, pf, input_ids=tokens)
+
     def draft(self, model, pf: Prefill) -> torch.Tensor:
+        """[B, n <= k] greedy draft tokens of the draft model continuing the prompt."""
         dm = self.draft_lm(model)
         device = next(dm.parameters()).device
         ids, valid = pf.input_ids.to(device), pf.valid.to(device)

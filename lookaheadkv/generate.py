@@ -87,6 +87,15 @@ def timed(part: str) -> Iterator[None]:
             parts[part] = parts.get(part, 0.0) + time.perf_counter() - t0
 
 
+_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("eviction_budget", default=None)
+
+
+def eviction_budget() -> int | None:
+    """The budget (entries per layer and KV head) of the eviction whose scores are being computed now; None
+    outside evict(). LAQ drafts on a copy compressed to it."""
+    return _BUDGET.get()
+
+
 def evict(model, pf: Prefill, method: Method, budget: int | float) -> Eviction:
     """glimpse -> score -> select -> compact, in place on pf.cache."""
     parts: dict[str, float] = {}
@@ -111,7 +120,11 @@ def _evict(model, pf: Prefill, method: Method, budget: int | float, parts: dict[
     kept: list[torch.Tensor | None] = [None] * n_layers
     if method.evicts and b <= pf.length:
         t = time.perf_counter()
-        scores = method.scores(model, pf)
+        token = _BUDGET.set(b)
+        try:
+            scores = method.scores(model, pf)
+        finally:
+            _BUDGET.reset(token)
         _sync(model)
         parts["score"] = time.perf_counter() - t - sum(parts.values())  # the method's own parts stand apart
         t = time.perf_counter()
@@ -152,7 +165,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     t0 = time.perf_counter()
-    pf = prefill(model, input_ids, attention_mask, record_rows=m.prefill_rows() if m.evicts else 0,
+    pf = prefill(model, input_ids, attention_mask, record_rows=m.recorded() if m.evicts else 0,
                  extra=m.prefill_extra(model) if m.evicts else None)
     _sync(model)
     t1 = time.perf_counter()

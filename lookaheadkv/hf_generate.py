@@ -137,8 +137,7 @@ class Evicting:
         ours = EvictableCache(module.config)
         ours.begin(positions_from_mask(valid) if positions is None else positions, valid)
         kwargs = dict(kwargs, **{name: ours})
-        rows = self.method.prefill_rows() if self.method.evicts else 0
-        recs = {rows: Recording(rows=rows)} if rows != 0 else {}
+        recs = {r: Recording(rows=r) for r in self.method.recorded()} if self.method.evicts else {}
         key_valid = None if bool(valid.all()) else [valid] * n_layers(module)
         self._local.stack = self._enter(module, True, forward_state(list(recs.values()), key_valid),
                                         active_cache(ours))

@@ -146,6 +146,26 @@ if triton is not None:
             tl.store(out_ptr + bh * n_keys + keys, acc, mask=keys < n_keys)
 
 
+def row_sums(query: torch.Tensor, key: torch.Tensor, scaling: float, first_row: int, lse: torch.Tensor
+             ) -> torch.Tensor:
+    """attention.row_sums on the kernel: the second pass alone, the rows' log-sum-exp [B, Hq, R] given (by the
+    attention call), causal keys, no pads."""
+    b, hq, r, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    key = key.to(query.dtype)
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    lse = lse.float().reshape(b * hq, r).contiguous()
+    common = dict(HAS_VALID=False, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+                  UPCAST=os.environ.get("TRITON_INTERPRET") == "1", GROUP=hq // hkv, BLOCK_R=BLOCK_R,
+                  BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)), D=d)
+    out = torch.empty((b, hq, tk), device=query.device, dtype=torch.float32)
+    _row_sums[(b * hkv, triton.cdiv(tk, BLOCK_N))](query, key, query, lse, out, hkv, r, tk, first_row, scaling,
+                                                   *query.stride()[:3], *key.stride()[:3], 0,
+                                                   ROW_BLOCKS=triton.cdiv(r, BLOCK_R), **common)
+    return out
+
+
 def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_row: int,
                   key_valid: torch.Tensor | None) -> torch.Tensor:
     """Same contract as attention.row_attention (inference only): [B, Hq, Tk] fp32, the sum over the query

@@ -39,6 +39,16 @@ class Method:
         """Prompt rows whose attention the prefill records: 0 none, -1 all, n the last n."""
         return 0
 
+    def recorded(self) -> list[int]:
+        """Every row count the prefill records for this method: prefill_rows, and any other its glimpse reads
+        (LAQ: its own window and its draft's SnapKV window). Pipelines record these."""
+        return [self.prefill_rows()] if self.prefill_rows() else []
+
+    def budget_free(self) -> bool:
+        """Whether the scores are the same at every budget, so one scoring may serve several (LAQ's draft is
+        written on a copy compressed to the eviction budget: not budget-free unless told its draft_budget)."""
+        return True
+
     def prefill_extra(self, model) -> ExtraRows | None:
         """Rows to append after the prompt inside its prefill (single-pass LookaheadKV); None for most."""
         return None

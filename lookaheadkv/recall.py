@@ -154,7 +154,7 @@ def run_recall(model, tokenizer, samples: Sequence[Sample], methods: Iterable[st
     ms = labelled(methods)
     device = next(model.parameters()).device
     n_kv = model.config.num_key_value_heads
-    rows_wanted = sorted({m.prefill_rows() for m in ms.values() if m.evicts} - {0})
+    rows_wanted = sorted({r for m in ms.values() if m.evicts for r in m.recorded()})
     eos = eos_ids(model, tokenizer)
     sink = None
     if out is not None:

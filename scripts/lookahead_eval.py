@@ -155,7 +155,7 @@ def main():
            for s in samples]
     eos = eos_ids(model, tok)
     rows = []
-    rec_rows = sorted({m.prefill_rows() for m in methods.values()} - {0})
+    rec_rows = sorted({r for m in methods.values() for r in m.recorded()})
     for group in tqdm(batches([len(x) for x in ids], a.batch_size), desc="test", unit="batch"):
         targets = collect_batch(model, [ids[i] for i in group], a.response_tokens, eos)
         keep = [(i, t) for i, t in zip(group, targets) if t is not None]

@@ -39,7 +39,7 @@ BAD_INPUT = [  # (arguments, what the one line says); M, C, LONG, OTHER stand fo
     (GEN + ["--budget", "16", "--sinks", "4", "--window", "16"], "below what snapkv always keeps (20: window 16"),
     (GEN + ["--method", "snapkv", "--window", "0"], "snapkv scores with the last `window` prompt tokens"),
     (GEN + ["--method", "pyramidkv", "--window", "0"], "window must be >= 1, got 0"),
-    (GEN + ["--method", "laq", "--window", "0"], "laq writes its draft on a SnapKV copy"),
+    (GEN + ["--method", "laq", "--budget", "16"], "laq drafts on a SnapKV copy at 16 entries, below the 32"),
     (GEN + ["--budget", "nan"], "got nan"),
     (GEN + ["--budget", "inf"], "got inf"),
     (GEN + ["--budget", "1.0"], "budget must be a positive whole number of tokens (e.g. 128) or a ratio"),

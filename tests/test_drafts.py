@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import left_pad, save_tiny, tiny_model
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from lookaheadkv import LookaheadKVError, generate_ids, get_method
+from lookaheadkv import LookaheadKVError, drafts, generate_ids, get_method
 from lookaheadkv.cache import kv_bytes, kv_lengths
 from lookaheadkv.decode import Sampling, decode
 from lookaheadkv.generate import evict
@@ -47,8 +49,12 @@ def method(name, drafter=None, **kw):
     if name == "speckv":
         kw.setdefault("draft_model", drafter)
     if name == "laq":
-        kw.setdefault("draft_budget", 20)
+        kw.setdefault("draft_window", 8)  # the tests' prompts are short; its draft follows the eviction budget
     return get_method(name, **kw)
+
+
+def draft_part(name):
+    return "draft_score" if name == "laq" else "draft_rows"  # LAQ scores captured queries; SpecKV runs a pass
 
 
 def drafted_reference(model, ids, draft, window, budget, kernel, kv_heads=2):
@@ -56,7 +62,7 @@ def drafted_reference(model, ids, draft, window, budget, kernel, kv_heads=2):
     draft rows onto the prompt keys, max-pooled, GQA mean, window forced, stable top-k."""
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    seq = torch.cat([ids, torch.tensor([draft])], dim=1)
+    seq = torch.cat([ids, torch.tensor([draft], dtype=torch.long)], dim=1)
     length = ids.shape[1]
     kept = []
     for att in eager(seq, output_attentions=True).attentions:
@@ -76,7 +82,7 @@ def test_budget_equal_to_prompt_reproduces_full_cache(target, drafter, name):
     tokens, ev, _ = generate_ids(target, ids, None, m, budget=70, sampling=Sampling(12), eos_ids=set())
     assert tokens[0] == ref
     assert ev.kept_per_layer == [70, 70, 70]
-    assert ev.parts["draft_rows"] > 0  # the draft really ran (budget == prompt still scores)
+    assert ev.parts[draft_part(name)] > 0  # the draft really ran (budget == prompt still scores)
 
 
 @pytest.mark.parametrize("name", ["laq", "speckv"])
@@ -85,7 +91,7 @@ def test_draft_tokens_never_stay_in_the_cache(target, drafter, name):
     pf = prefill(target, ids, record_rows=8)
     keys = [layer.keys.clone() for layer in pf.cache.layers]
     full = kv_bytes(pf.cache)
-    m = method(name, drafter, window=8)
+    m = method(name, drafter, window=8, **({"draft_budget": 30} if name == "laq" else {}))
     m.scores(target, pf)  # glimpse alone: the draft ran over the cache and was dropped, the prompt KV is as it was
     assert kv_lengths(pf.cache) == [70, 70, 70]
     assert all(torch.equal(a, layer.keys) for a, layer in zip(keys, pf.cache.layers))
@@ -100,7 +106,7 @@ def test_decoding_after_eviction_uses_original_positions(name):
     model = no_eos(tiny_model(layers=1, kv_heads=1, heads=2))
     dm = no_eos(tiny_model(layers=1, kv_heads=1, heads=2, seed=9))
     ids = prompt(50, 5)
-    m = method(name, dm, window=4, draft_budget=12) if name == "laq" else method(name, dm, window=4)
+    m = method(name, dm, window=4, draft_window=4) if name == "laq" else method(name, dm, window=4)
     tokens, ev, _ = generate_ids(model, ids, None, m, budget=20, sampling=Sampling(6), eos_ids=set())
     mask = torch.zeros(1, 50, dtype=torch.long)
     mask[0, ev.kept[0][0, 0]] = 1
@@ -121,22 +127,98 @@ def test_laq_without_draft_tokens_is_snapkv(target, window):
     snap = evict(target, pf.clone(), get_method("snapkv", window=window), 40)
     laq = evict(target, pf.clone(), get_method("laq", window=window, k=0), 40)
     assert all(torch.equal(a, b) for a, b in zip(snap.kept, laq.kept))
-    with_draft = evict(target, pf.clone(), get_method("laq", window=window, k=8, draft_budget=40), 40)
+    with_draft = evict(target, pf.clone(), get_method("laq", window=window, k=8, draft_window=window), 40)
     assert not all(torch.equal(a, b) for a, b in zip(snap.kept, with_draft.kept))  # the draft rows do count
 
 
-def test_laq_drafts_with_the_target_on_a_snapkv_compressed_cache(target):
+def laq_reference(model, ids, budget, window, k, draft_window, kernel=7, kv_heads=2):
+    """LAQ as its authors' code defines it, computed directly in float64 on one unpadded prompt: SnapKV's kept
+    set at the eviction budget (eager attention of the last draft_window rows); greedy drafting as one
+    teacher-forced pass over [prompt; draft] in which the draft rows see only the kept prompt entries of each
+    layer and KV head (= decoding on the compressed copy), its queries kept; then [last `window` prompt rows +
+    those queries] over the full prompt's keys (softmax over the prompt), max-pooled, GQA mean, window forced,
+    stable top-k. Returns (draft tokens, per layer mean rows [1, Hq, L], kept)."""
+    length = ids.shape[1]
+    snap = drafted_reference(model, ids, [], draft_window, budget, kernel, kv_heads)
+    seen = {}
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        b, hq, t, _ = query.shape
+        g = hq // key.shape[1]
+        logits = query @ key.repeat_interleave(g, 1).transpose(-1, -2) * scaling
+        mask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, hq, t, t).clone()
+        allowed = torch.ones(b, key.shape[1], t, dtype=torch.bool)
+        allowed[..., :length] = False
+        allowed[..., :length].scatter_(2, snap[module.layer_idx], True)
+        mask[:, :, length:] &= allowed.repeat_interleave(g, 1)[:, :, None, :]
+        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+        seen[module.layer_idx] = (query, key, probs)
+        return (probs @ value.repeat_interleave(g, 1)).transpose(1, 2), None
+
+    AttentionInterface.register("laq_reference", attend)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("laq_reference", sdpa_mask)
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("laq_reference")
+    draft = [int(model(ids).logits[0, -1].argmax())]  # the full prefill's first token
+    while True:
+        logits = ref(torch.cat([ids, torch.tensor([draft])], dim=1)).logits
+        if len(draft) == k:
+            break
+        draft.append(int(logits[0, -1].argmax()))
+    rows, kept = [], []
+    for li in range(len(seen)):
+        query, key, probs = seen[li]
+        g = query.shape[1] // key.shape[1]
+        scaling = model.model.layers[li].self_attn.scaling
+        drafted = (query[:, :, length:] @ key[:, :, :length].repeat_interleave(g, 1).transpose(-1, -2) * scaling)
+        both = torch.cat([probs[:, :, length - window:length, :length], drafted.softmax(-1)], dim=2)
+        rows.append(both.mean(dim=2))
+        s = F.max_pool1d(rows[-1], kernel, stride=1, padding=kernel // 2).view(1, kv_heads, -1, length).mean(dim=2)
+        s[..., length - window:] = float("inf")
+        kept.append(s.sort(dim=-1, descending=True, stable=True).indices[..., :budget].sort(dim=-1).values)
+    return draft, rows, kept
+
+
+def test_laq_is_its_papers_draft_decoded_on_a_cache_compressed_to_the_budget(target, monkeypatch):
     ids = prompt(70, 4)
-    m = method("laq", window=8, k=8, draft_budget=16)
-    draft = m.draft(target, prefill(target, ids, record_rows=8))[0].tolist()
-    # the target's own greedy answer under SnapKV at draft_budget (the core pipeline, tested on its own) ...
-    snap, _, _ = generate_ids(target, ids, None, "snapkv", 16, Sampling(8), eos_ids=set(), window=8)
-    assert draft == snap[0]
-    assert draft != hf_greedy(target, ids, 8)  # ... which is not the full-cache answer here
-    # and the kept set is the one those draft rows predict
-    _, ev, _ = generate_ids(target, ids, None, m, 24, Sampling(1), eos_ids=set())
-    for ours, ref in zip(ev.kept, drafted_reference(target, ids, draft, 8, 24, 7)):
+    m = method("laq", window=4, k=5, draft_window=8)
+    draft, rows, kept = laq_reference(target, ids, 24, 4, 5, 8)
+    assert draft != hf_greedy(target, ids, 5)  # the compressed copy's answer, not the full cache's
+    assert len(draft) == m.k
+    budgets = []
+    real = drafts.evict
+    monkeypatch.setattr(drafts, "evict", lambda model, pf, meth, b: budgets.append(b) or real(model, pf, meth, b))
+    pf = prefill(target, ids, record_rows=m.recorded())
+    assert m.recorded() == [4, 8]
+    ev = evict(target, pf, m, 24)
+    assert budgets == [24]  # the SnapKV copy at the eviction budget itself
+    for ours, ref in zip(ev.kept, kept):
         assert torch.equal(ours, ref)
+    fixed = method("laq", window=4, k=5, draft_window=8, draft_budget=24)  # the same, its budget given
+    pf = prefill(target, ids, record_rows=fixed.recorded())
+    assert fixed.draft(target, pf)[0].tolist() == draft
+    for ours, ref in zip(fixed.glimpse(target, pf), rows):  # the scores themselves, against the direct formula
+        assert torch.allclose(ours, ref, atol=1e-12)
+    parts = evict(target, pf, fixed, 24).parts
+    assert {"draft_compress", "draft_decode", "draft_score"} <= set(parts) and "draft_rows" not in parts
+
+
+def test_laq_alone_has_no_window_and_its_draft_window_is_checked(target):
+    ids = prompt(70, 5)
+    pure = method("laq", window=0, k=4)  # LAQ without its "++" window: the pseudo queries alone
+    assert pure.recorded() == [8] and pure.floor() == 1
+    _, ev, _ = generate_ids(target, ids, None, pure, 24, Sampling(1), eos_ids=set())
+    _, ev8, _ = generate_ids(target, ids, None, method("laq", window=8, k=4), 24, Sampling(1), eos_ids=set())
+    assert ev.kept_per_layer == [24, 24, 24]
+    assert not all(bool((k[..., -8:] == torch.arange(62, 70)).all()) for k in ev.kept)  # no forced recent window
+    assert all(bool((k[..., -8:] == torch.arange(62, 70)).all()) for k in ev8.kept)
+    with pytest.raises(LookaheadKVError, match="draft_window must be >= 1, got 0"):
+        get_method("laq", draft_window=0)
+    with pytest.raises(LookaheadKVError, match="below the 32 SnapKV keeps"):
+        generate_ids(target, ids, None, get_method("laq"), 24, Sampling(1))  # default draft_window 32 > budget 24
+    with pytest.raises(LookaheadKVError, match="eviction budget, unknown here"):
+        get_method("laq", draft_window=8).scores(target, prefill(target, ids, record_rows=8))
+    assert not get_method("laq").budget_free() and get_method("laq", draft_budget=64).budget_free()
 
 
 def test_speckv_drafts_with_the_draft_model(target, drafter):
@@ -150,7 +232,7 @@ def test_speckv_drafts_with_the_draft_model(target, drafter):
         assert torch.equal(ours, ref)
 
 
-@pytest.mark.parametrize("name", ["laq", "speckv"])
+@pytest.mark.parametrize("name", ["speckv"])  # LAQ's rows are its draft's own queries (tested above)
 def test_a_stubbed_draft_moves_the_kept_set_as_predicted(target, drafter, name):
     ids = prompt(70, 6)
     kept = {}
@@ -196,13 +278,13 @@ def test_left_padded_batch_equals_single_runs(target, drafter, name, sdpa_draft)
 
 def test_eviction_time_is_split_into_parts(target, drafter):
     ids = prompt(70, 2)
-    for name, own in [("laq", {"draft_compress", "draft_decode", "draft_rows"}),
+    for name, own in [("laq", {"draft_compress", "draft_decode", "draft_score"}),
                       ("speckv", {"draft_prefill", "draft_decode", "draft_rows"})]:
         m = method(name, drafter, window=8)
         _, ev, timings = generate_ids(target, ids, None, m, 40, Sampling(2), eos_ids=set())
         assert set(ev.parts) == own | {"score", "select", "compact"}
         assert 0 < sum(ev.parts.values()) <= ev.seconds
-        assert timings["eviction.draft_rows"] == ev.parts["draft_rows"]
+        assert timings[f"eviction.{draft_part(name)}"] == ev.parts[draft_part(name)]
 
 
 def test_bad_draft_setups_are_clear_errors(target):
@@ -225,17 +307,23 @@ def test_bad_draft_setups_are_clear_errors(target):
 
 def test_a_reused_draft_serves_clones_of_one_prefill_only(target):
     pf = prefill(target, prompt(70, 3), record_rows=8)
-    m = get_method("laq", window=8, draft_budget=20, reuse_draft=True)
+    m = get_method("laq", window=8, draft_window=8, draft_budget=20, reuse_draft=True)
     calls = []
-    real = m.draft
-    m.draft = lambda model, pf: calls.append(1) or real(model, pf)
-    fresh = get_method("laq", window=8, draft_budget=20)
+    real = m.draft_queries
+    m.draft_queries = lambda model, pf: calls.append(1) or real(model, pf)
+    fresh = get_method("laq", window=8, draft_window=8, draft_budget=20)
     for b in (20, 30):
         reused, new = evict(target, pf.clone(), m, b), evict(target, pf.clone(), fresh, b)
         assert all(torch.equal(a, c) for a, c in zip(reused.kept, new.kept))
     assert len(calls) == 1
     evict(target, prefill(target, prompt(70, 4), record_rows=8), m, 20)  # another prompt drafts anew
     assert len(calls) == 2
+    follows = get_method("laq", window=8, draft_window=8, reuse_draft=True)  # its draft budget is the budget's
+    real = follows.draft_queries
+    follows.draft_queries = lambda model, pf: calls.append(1) or real(model, pf)
+    for b in (20, 30, 30):
+        evict(target, pf.clone(), follows, b)
+    assert len(calls) == 4  # one draft per draft budget
 
 
 def test_cli_draft_model_option(tmp_path):
@@ -290,7 +378,7 @@ def test_clone_shares_tensors_and_a_drafting_eviction_of_it_leaves_the_prefill_u
     sums = {r: {li: t.clone() for li, t in rec.sums.items()} for r, rec in pf.recordings.items()}
     c = pf.clone()
     assert all(a.keys.data_ptr() == b.keys.data_ptr() for a, b in zip(pf.cache.layers, c.cache.layers))
-    ev = evict(target, c, method("laq", window=4, k=3), 16)
+    ev = evict(target, c, method("laq", window=4, k=3, draft_window=4), 16)
     decode(target, c, ev.key_valid, set(), Sampling(max_new_tokens=4))
     assert kv_lengths(c.cache)[0] > 16 and kv_lengths(pf.cache) == [60] * 3
     for layer, (k, v) in zip(pf.cache.layers, keys):

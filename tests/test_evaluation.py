@@ -192,11 +192,13 @@ def methods(spec="snapkv,pyramidkv"):
     return parse_methods(spec)
 
 
-def test_copies_decode_as_if_alone(model, tmp_path):
+@pytest.mark.parametrize("spec", ["snapkv,pyramidkv", "laq"])
+def test_copies_decode_as_if_alone(model, tmp_path, spec):
     """Stacked, per-layer padded copies of a left-padded batch answer exactly as the core pipeline does
-    for each sample alone; budget >= prompt reproduces the full cache."""
-    rows = runner.run_eval(model, TOK, methods=methods(), budgets=[32, 100000], out=tmp_path / "r.jsonl", **RUN)
-    assert len(rows) == 2 * (1 + 2 * 2)
+    for each sample alone; budget >= prompt reproduces the full cache. LAQ, whose scores depend on the budget
+    (its draft runs on a copy compressed to it), is scored at each budget."""
+    rows = runner.run_eval(model, TOK, methods=methods(spec), budgets=[32, 100000], out=tmp_path / "r.jsonl", **RUN)
+    assert len(rows) == 2 * (1 + 2 * len(spec.split(",")))
     full = {r["sample"]: r for r in rows if r["method"] == "full"}
     for r in rows:
         s = make_sample(r["task"], 520, 0, int(r["sample"].rsplit("-", 1)[1]), lambda x: sum(

@@ -64,6 +64,26 @@ whole = prefill(model, ids, mask, record_rows=-1).recording.mean()
 attention.ROW_CHUNK = 16
 chunked = prefill(model, ids, mask, record_rows=-1).recording.mean()
 out["chunked_max_err"] = max((a - b).abs().max().item() for a, b in zip(whole, chunked))
+# The second pass alone, given each row's log-sum-exp (a prompt's own attention call returns it).
+out["row_sums_max_err"] = 0.0
+for b, hq, hkv, r, tk, d, first, dtype in [(2, 6, 2, 5, 70, 16, 65, torch.float32),
+                                            (1, 8, 2, 32, 300, 128, 268, torch.bfloat16)]:
+    q = torch.randn(b, hq, r + 3, d, device=dev).to(dtype)[:, :, 3:]
+    k = torch.randn(b, hkv, tk, d, device=dev).to(dtype)
+    logits = (q.float().reshape(b, hkv, -1, d) @ k.float().transpose(-1, -2)).view(b, hq, r, tk) * 0.125
+    hidden = torch.arange(tk, device=dev)[None, :] > torch.arange(first, first + r, device=dev)[:, None]
+    lse = logits.masked_fill(hidden, float("-inf")).logsumexp(-1)
+    got = kernels.row_sums(q, k, 0.125, first, lse)
+    with kernels.disabled():
+        ref = row_attention(q.float(), k.float(), 0.125, first, None)
+    out["row_sums_max_err"] = max(out["row_sums_max_err"], (got - ref).abs().max().item())
+# End to end, unpadded: the prompt's recording from the attention call's log-sum-exp vs the two-pass kernel.
+import os
+one = ids[:1]
+got = snap.scores(model, prefill(model, one, record_rows=8))
+os.environ["LOOKAHEADKV_NO_SDPA_LSE"] = "1"
+ref = snap.scores(model, prefill(model, one, record_rows=8))
+out["lse_snapkv_max_err"] = max((a - b).abs().max().item() for a, b in zip(got, ref))
 print(json.dumps(out))
 """
 
@@ -85,3 +105,5 @@ def test_fused_row_attention_equals_pytorch_path():
     assert out["pays"] == [True, False, False]  # bf16 rows: kernel; fp32 or more than 64 rows: PyTorch
     assert out["after_prompt_max_err"] < 1e-5
     assert out["chunked_max_err"] < 1e-5
+    assert out["row_sums_max_err"] < 1e-5
+    assert out["lse_snapkv_max_err"] < 1e-4  # the normaliser from the attention kernel in bf16's arithmetic

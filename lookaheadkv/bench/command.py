@@ -43,10 +43,14 @@ def _ints(text: str, what: str) -> list[int]:
 @click.option("--draft-model", default="llama-3.2-1b", show_default=True, help="SpecKV's draft (shape or name)")
 @click.option("--split-extra-rows/--no-split-extra-rows", default=True, show_default=True,
               help="also time single-pass lookahead's rows without their adapter and with it on those rows only")
+@click.option("--plain/--no-plain", default=True, show_default=True,
+              help="also time plain transformers' prefill (its sdpa, torch's backend choice) in the rotation")
+@click.option("--fresh-lengths/--repeat-lengths", default=True, show_default=True,
+              help="every TTFT call at a prompt length new to the run, a few tokens below the context")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 def bench(model, random_weights, device, device_map, dtype, contexts, methods, budget, decode_context, decode_budgets,
           decode_batches, decode_methods, decode_steps, repeats, warmup, memory_gib, draft_model, split_extra_rows,
-          out):
+          plain, fresh_lengths, out):
     """Time to first token by stage, eviction overhead, decode speed, KV bytes and memory (docs/bench.md)."""
     gpu = device.startswith("cuda") or (device_map is not None and torch.cuda.is_available())
     cfg = BenchConfig(model=model, random_weights=random_weights, device=device, device_map=device_map,
@@ -57,7 +61,7 @@ def bench(model, random_weights, device, device_map, dtype, contexts, methods, b
                       decode_batches=_ints(decode_batches, "--decode-batches"),
                       decode_methods=[m for m in decode_methods.split(",") if m], decode_steps=decode_steps,
                       repeats=repeats, warmup=warmup, memory_gib=memory_gib, draft_model=draft_model,
-                      split_extra_rows=split_extra_rows)
+                      split_extra_rows=split_extra_rows, plain=plain, fresh_lengths=fresh_lengths)
     if repeats < 1 or not cfg.contexts:
         raise LookaheadKVError("--repeats must be >= 1 and --contexts must name at least one length")
     click.echo(markdown(run_bench(cfg, out)))

@@ -1,10 +1,12 @@
-"""Targets of issue 6 checked against a results dict, and the results as markdown tables."""
+"""Targets of issues 6 and 12 checked against a results dict, and the results as markdown tables."""
 
 from __future__ import annotations
 
 import math
 
-TARGET_CONTEXT = 32768
+TARGET_CONTEXT = 32768  # where LAQ's cost is compared with LookaheadKV's
+MIN_CONTEXT = 8192  # the TTFT targets hold at every context from here up
+ADAPTER_S = 0.003  # the lookahead adapter stage's limit
 
 
 def _name(label: str) -> str:
@@ -17,56 +19,81 @@ def _where(row: dict) -> str:
     return ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in sorted(st.items(), key=lambda kv: -kv[1]))
 
 
+def _worst(row: dict, suffix: str = "") -> float:
+    """The larger of a row's two overheads (paired TTFT, timed stages): a target is met only when both are."""
+    return max(row[f"overhead{suffix}"], row[f"overhead_stages{suffix}"])
+
+
 def check_targets(result: dict) -> list[dict]:
-    """Issue 6's targets at 32K (or the largest context timed, marked as such). An overhead is judged as the
-    issue defines it, (TTFT_method - TTFT_full) / TTFT_full, paired within repeats (median); beside it stand
-    the full TTFT's spread over repeats (the noise floor), the directly timed stages' sum and where it goes."""
+    """The targets, each judged on the larger of the paired TTFT overhead (the definition, median of
+    (TTFT_method - TTFT_ref) / TTFT_ref within repeats) and the directly timed stages' sum, at every context
+    from 8K up (the largest one when none is that long, marked `exact_context` False): our full cache within
+    2% of plain transformers; snapkv, pyramidkv and lookahead within 1% of our full cache; lookahead within
+    1% of plain transformers; the adapter stage within 3 ms; with real weights, lookahead at most twice
+    snapkv's overhead. At 32K (or the largest context): LAQ's timed stages >= 20x lookahead's, and the KV
+    bytes kept. Decode: a step on an evicted 1K cache within 5% of a plain 1K cache's, at every batch. Beside
+    each stand the amount missed and where the time goes."""
     ttft = result["ttft"]
     if not ttft:
         return []
     contexts = sorted({r["context"] for r in ttft})
-    ctx = TARGET_CONTEXT if TARGET_CONTEXT in contexts else contexts[-1]
-    at = {r["method"]: r for r in ttft if r["context"] == ctx}
-    full_runs = at["full"]["ttft_runs_s"] if "full" in at else []
-    noise = (max(full_runs) - min(full_runs)) / at["full"]["ttft_s"] if len(full_runs) > 1 else None
+    judged = [c for c in contexts if c >= MIN_CONTEXT] or contexts[-1:]
+    ratio_ctx = TARGET_CONTEXT if TARGET_CONTEXT in contexts else contexts[-1]
+    timed = not str(result["meta"]["config"]["device"]).startswith("cpu")  # the speed targets are the GPU's
+    real = result["meta"].get("weights") == "real weights"
     out = []
 
-    def add(target, value, limit, met, row=None, **extra):
+    def add(target, ctx, value, limit, met, row=None, exact=None, **extra):
         item = {"target": target, "context": ctx, "value": value, "limit": limit, "met": bool(met),
-                "exact_context": ctx == TARGET_CONTEXT, **extra}
+                "exact_context": ctx >= MIN_CONTEXT if exact is None else exact, **extra}
         if not met and value is not None and limit:
-            item["missed_by"] = value - limit if "<=" in target else limit - value
+            item["missed_by"] = limit - value if ">=" in target else value - limit  # the rest are upper limits
         if row is not None:
-            item.update(where_the_time_goes=_where(row), overhead_stages=row["overhead_stages"],
-                        full_ttft_spread=noise)
+            item.update(where_the_time_goes=_where(row), overhead=row["overhead"],
+                        overhead_stages=row["overhead_stages"])
         out.append(item)
 
-    timed = not str(result["meta"]["config"]["device"]).startswith("cpu")  # the speed targets are the GPU's
-    for label, row in at.items():
-        if timed and _name(label) in ("snapkv", "pyramidkv", "lookahead") and "/rows-only" not in label:
-            # Met only when both measures agree: the paired TTFT difference (the definition, +-1% of noise at
-            # 32K) and the sum of the directly timed stages (precise, but blind to anything untimed).
-            add(f"{label} overhead <= 1% of full TTFT", row["overhead"], 0.01,
-                max(row["overhead"], row["overhead_stages"]) <= 0.01, row)
+    for ctx in judged if timed else []:
+        at = {r["method"]: r for r in ttft if r["context"] == ctx}
+        full = at.get("full")
+        if full is not None and "overhead_plain" in full:
+            add("full TTFT within 2% of plain transformers'", ctx, _worst(full, "_plain"), 0.02,
+                _worst(full, "_plain") <= 0.02, None, ttft_s=full["ttft_s"], plain_ttft_s=full["ttft_plain_s"],
+                paired=full["overhead_plain"], stages=full["overhead_stages_plain"])
+        for label, row in at.items():
+            if _name(label) not in ("snapkv", "pyramidkv", "lookahead") or "/rows-" in label:
+                continue
+            add(f"{label} overhead <= 1% of full TTFT", ctx, _worst(row), 0.01, _worst(row) <= 0.01, row)
+            if _name(label) == "lookahead" and "overhead_plain" in row:
+                add(f"{label} overhead over plain transformers <= 1%", ctx, _worst(row, "_plain"), 0.01,
+                    _worst(row, "_plain") <= 0.01, row, paired=row["overhead_plain"],
+                    stages=row["overhead_stages_plain"])
+            if "adapter" in row["stages_s"]:
+                adapter = row["stages_s"]["adapter"]
+                add(f"{label} adapter stage <= 3 ms", ctx, adapter, ADAPTER_S, adapter <= ADAPTER_S)
+        snap, look = at.get("snapkv"), at.get("lookahead")
+        if real and snap is not None and look is not None:
+            ratios = [look[k] / snap[k] if snap[k] > 0 else math.inf for k in ("overhead", "overhead_stages")]
+            add("lookahead overhead / snapkv overhead <= 2", ctx, max(ratios), 2.0, max(ratios) <= 2.0, look,
+                paired_ratio=ratios[0], stages_ratio=ratios[1], snapkv_where=_where(snap))
+    at = {r["method"]: r for r in ttft if r["context"] == ratio_ctx}
     laq = next((r for lbl, r in at.items() if _name(lbl) == "laq"), None)
-    for label in ("lookahead", "lookahead/rows-lora"):
-        look = at.get(label)
-        if look is None or laq is None or not timed:
-            continue
-        floor = max(look["overhead"], noise or 0.0)  # an overhead inside the noise counts as the noise
-        ratio = laq["overhead"] / floor if floor > 0 else float("inf")
-        add(f"{laq['method']} overhead / {label} overhead >= 20", ratio, 20.0, ratio >= 20, None,
-            laq_overhead=laq["overhead"], lookahead_overhead=look["overhead"], full_ttft_spread=noise,
-            laq_where=_where(laq), lookahead_where=_where(look))
+    look = at.get("lookahead")
+    if timed and laq is not None and look is not None:
+        floor = look["overhead_stages"]  # both from their timed stages, not from the noise floor
+        ratio = laq["overhead_stages"] / floor if floor > 0 else math.inf
+        add(f"{laq['method']} overhead / lookahead overhead >= 20 (timed stages)", ratio_ctx, ratio, 20.0,
+            ratio >= 20, None, exact=ratio_ctx == TARGET_CONTEXT, laq_overhead_stages=laq["overhead_stages"],
+            lookahead_overhead_stages=floor, laq_where=_where(laq), lookahead_where=_where(look))
     for label, row in at.items():
         if row["budget"] < row["context"] and "/rows-" not in label:
-            share = row["kept_tokens"] / row["context"]
+            share = row["kept_tokens"] / row.get("bytes_length", row["context"])
             got = row["kv_bytes_kept"] / row["kv_bytes_full"]
-            add(f"{label} KV bytes kept = budget's share of the prompt", got, share, abs(got - share) < 1e-9)
+            add(f"{label} KV bytes kept = budget's share of the prompt", ratio_ctx, got, share,
+                abs(got - share) < 1e-9, exact=ratio_ctx == TARGET_CONTEXT)
     decode = result.get("decode", [])
     if decode and timed:
-        batches = sorted({d["batch"] for d in decode})
-        for batch in sorted({batches[0], batches[-1]}):
+        for batch in sorted({d["batch"] for d in decode}):
             rows = {d["cache"]: d for d in decode if d["batch"] == batch}
             for label, d in rows.items():
                 name, _, budget = label.partition("@")
@@ -74,8 +101,8 @@ def check_targets(result: dict) -> list[dict]:
                 if not budget or name == "plain" or plain is None or budget != "1024":
                     continue
                 rel = d["step_s"] / plain["step_s"] - 1
-                add(f"decode step on {label} within 5% of plain@{budget} (batch {batch})", rel, 0.05, rel <= 0.05,
-                    None, step_ms=d["step_s"] * 1e3, plain_step_ms=plain["step_s"] * 1e3)
+                add(f"decode step on {label} within 5% of plain@{budget} (batch {batch})", d["context"], rel, 0.05,
+                    rel <= 0.05, None, step_ms=d["step_s"] * 1e3, plain_step_ms=plain["step_s"] * 1e3)
     return out
 
 
@@ -87,11 +114,15 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"**{meta['model']}** ({meta['weights']}), {meta['device']}, {meta['config']['dtype']}, torch "
              f"{meta['torch']}, transformers {meta['transformers']}, {meta['date']}.", ""]
-    lines += ["| context | method | TTFT (s) | overhead, stages | overhead, paired TTFT | eviction stages |",
-              "|---|---|---|---|---|---|"]
+    lines += ["Overheads against our full cache and against plain transformers (`plain`: its own sdpa attention and "
+              "cache, torch's backend choice), each paired within repeats (TTFT) and from the timed stages.", "",
+              "| context | method | TTFT (s) | overhead, stages | overhead, paired TTFT | vs plain, stages | "
+              "vs plain, paired TTFT | eviction stages |", "|---|---|---|---|---|---|---|---|"]
     for r in result["ttft"]:
+        plain = [_pct(r[k]) if k in r else "-" for k in ("overhead_stages_plain", "overhead_plain")]
         lines.append(f"| {r['context']} | {r['method']} | {r['ttft_s']:.3f} | {_pct(r['overhead_stages'])} | "
-                     f"{_pct(r['overhead'])} | {_where(r) if r['budget'] < r['context'] else ''} |")
+                     f"{_pct(r['overhead'])} | {plain[0]} | {plain[1]} | "
+                     f"{_where(r) if r['budget'] < r['context'] else ''} |")
     if result.get("decode"):
         lines += ["", "| context | batch | cache | kept tokens | step (ms) | tokens/s | KV MiB | peak MiB |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -110,7 +141,7 @@ def markdown(result: dict) -> str:
         lines += ["", "| target | context | value | met |", "|---|---|---|---|"]
         for t in result["targets"]:
             v = t["value"]
-            shown = f"{v:.1f}x" if " / " in t["target"] else _pct(v)
+            shown = f"{v:.1f}x" if " / " in t["target"] else f"{v * 1e3:.2f} ms" if " ms" in t["target"] else _pct(v)
             lines.append(f"| {t['target']} | {t['context']} | {shown} | {'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines)
 
@@ -137,15 +168,16 @@ def summary(result: dict, ignore: tuple[str, ...] = ()) -> str:
     ttft = result["ttft"]
     ctx = max(r["context"] for r in ttft)
     lines = [f"| method ({ctx}-token prompt, budget {result['meta']['config']['budget']}) | TTFT (s) | "
-             "overhead (paired TTFT) | overhead (timed stages) | largest eviction stages (ms) |",
-             "|---|---|---|---|---|"]
+             "overhead (paired TTFT) | overhead (timed stages) | vs plain transformers (paired / stages) | "
+             "largest eviction stages (ms) |", "|---|---|---|---|---|---|"]
     for r in ttft:
         if r["context"] != ctx:
             continue
         st = {k: v for k, v in r["stages_s"].items() if k != "prefill" and k not in ignore}
         top = sorted(st.items(), key=lambda kv: -kv[1])[:3] if r["budget"] < r["context"] else []
+        plain = f"{_pct(r['overhead_plain'])} / {_pct(r['overhead_stages_plain'])}" if "overhead_plain" in r else "-"
         lines.append(f"| {r['method']} | {r['ttft_s']:.3f} | {_pct(r['overhead'])} | {_pct(r['overhead_stages'])} | "
-                     + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in top) + " |")
+                     f"{plain} | " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in top) + " |")
     fused = [r for r in ttft if r["context"] == ctx and "record_pytorch_s" in r]
     if fused:
         r = fused[0]
@@ -153,11 +185,23 @@ def summary(result: dict, ignore: tuple[str, ...] = ()) -> str:
                   f"{r['stages_s']['record'] * 1e3:.2f} ms with the fused Triton kernel, "
                   f"{r['record_pytorch_s'] * 1e3:.2f} ms on the PyTorch path."]
     methods = [m for m in dict.fromkeys(r["method"] for r in ttft) if m != "full"]
-    lines += ["", "| context | full TTFT (s) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+    lines += ["", "Paired TTFT overhead against our full cache:", "",
+              "| context | full TTFT (s) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
     for c in sorted({r["context"] for r in ttft}):
         at = {r["method"]: r for r in ttft if r["context"] == c}
         lines.append(f"| {c} | {at['full']['ttft_s']:.3f} | "
                      + " | ".join(_pct(at[m]["overhead"]) if m in at else "-" for m in methods) + " |")
+    if any("overhead_plain" in r for r in ttft):
+        others = [m for m in dict.fromkeys(r["method"] for r in ttft) if m != "plain"]
+        lines += ["", "Paired TTFT overhead against plain transformers (timed stages in brackets):", "",
+                  "| context | plain TTFT (s) | " + " | ".join(others) + " |", "|---" * (len(others) + 2) + "|"]
+        for c in sorted({r["context"] for r in ttft}):
+            at = {r["method"]: r for r in ttft if r["context"] == c and "overhead_plain" in r}
+            if "full" not in at:
+                continue
+            lines.append(f"| {c} | {at['full']['ttft_plain_s']:.3f} | " + " | ".join(
+                f"{_pct(at[m]['overhead_plain'])} ({_pct(at[m]['overhead_stages_plain'])})" if m in at else "-"
+                for m in others) + " |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,15 @@ parts), warm-up runs that are thrown away, medians over repeats. The methods run
 each repeat, so each method's TTFT is paired with the full cache's TTFT of the same repeat: overhead is the
 median over repeats of (TTFT_method - TTFT_full) / TTFT_full. Because TTFT itself varies by ~2% between
 repeats at 32K, each eviction stage is also timed directly and summed ("overhead_stages").
+
+Plain transformers ("plain") runs in the same rotation: `model(input_ids, use_cache=True, logits_to_keep=1)`
+(generate's own prefill call) with transformers' `sdpa` attention, its DynamicCache and torch's default SDPA
+backend choice, so every method's overhead is also reported against it ("overhead_plain", paired like the
+above; "overhead_stages_plain", our full cache's median TTFT plus the method's timed work, against plain's).
+Fresh lengths (the default): every timed call, warm-up included, runs a prompt of a length no call of the run
+has used, a few tokens below the context (a server meets a new length with every prompt, and cuDNN's SDPA
+plans anew for each one); the lengths within one repeat differ by a few tokens. Lengths divisible by 16 are
+skipped, so the Triton kernels see one specialisation, compiled in the warm-up.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from . import shapes
 from .timing import Clock, median, peak_bytes, reset_peak, sync, time_calls
 
 ROWS_ONLY = "/rows-only"  # label suffix of a single-pass method's twin that runs its extra rows without adapter
+PLAIN = "plain"  # label of plain transformers' prefill (transformers' sdpa, torch's backend choice)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -62,6 +72,8 @@ class BenchConfig:
     # Methods whose rows ride in the prefill (single-pass lookahead) also run as "<spec>/rows-only": the same
     # extra rows without their adapter, so the paired difference shows what the adapter itself costs.
     split_extra_rows: bool = True
+    plain: bool = True  # also time plain transformers' prefill in the rotation ("plain")
+    fresh_lengths: bool = True  # every TTFT call at a prompt length new to the run (False: all at the context)
     seed: int = 0
 
 
@@ -76,7 +88,9 @@ def storage_bytes(cache) -> int:
 
 
 class Bench:
-    def __init__(self, cfg: BenchConfig):
+    def __init__(self, cfg: BenchConfig, built: tuple | None = None):
+        """`built`: (model, note) of an earlier Bench of the same cfg.model, dtype and device, to reuse (one GPU
+        process timing several configurations builds each model once)."""
         self.cfg = cfg
         if cfg.dtype not in DTYPES:
             raise LookaheadKVError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -85,7 +99,7 @@ class Bench:
         placement = None if cfg.device_map is None else parse_device_map(cfg.device_map)
         if placement is None:
             check_device(cfg.device)
-        self.model, self.note = shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights,
+        self.model, self.note = built or shapes.build(cfg.model, cfg.device, self.dtype, cfg.random_weights,
                                              device_map=placement)
         # inputs go to the first layer's device; clocks and memory cover every device the model spreads over
         self.device = next(self.model.parameters()).device
@@ -140,6 +154,32 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------ TTFT
 
+    def _plain_once(self, ids: torch.Tensor) -> dict:
+        """One prefill by plain transformers: the model's forward as generate's prefill calls it, with
+        transformers' own sdpa attention and cache and torch's default SDPA backend choice."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        reset_peak(self.devices)
+        with plain_attention(self.model), torch.no_grad():
+            clock = Clock(self.devices)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            t = clock.lap()
+        cache = getattr(out, "cache", None) or out.past_key_values  # renamed after transformers 5.17
+        full = kv_bytes(cache)
+        return {"ttft": t, "stages": {"prefill": t}, "kv_bytes_full": full, "kv_bytes_kept": full,
+                "storage_bytes": storage_bytes(cache), "kept_tokens": float(ids.shape[1]),
+                "peak_bytes": peak_bytes(self.devices)}
+
+    def _lengths(self, length: int, calls: int) -> list[int]:
+        """Prompt lengths for `calls` TTFT calls at `length`: all `length`, or fresh ones (see the module)."""
+        if not self.cfg.fresh_lengths:
+            return [length] * calls
+        out = [n for n in range(length - 1, 0, -1) if n % 16][:calls]
+        if len(out) < calls or out[-1] <= self.cfg.budget:
+            raise LookaheadKVError(f"context {length} is too short for {calls} fresh prompt lengths above the budget "
+                                   f"{self.cfg.budget}; lower --repeats, or pass --repeat-lengths")
+        return out
+
     def _ttft_once(self, m: Method, ids: torch.Tensor) -> dict:
         """One time-to-first-token run: prefill, then (evicting methods) glimpse, score, select, compact."""
         glimpse_s = []
@@ -158,7 +198,7 @@ class Bench:
         reset_peak(self.devices)
         clock = Clock(self.devices)
         try:
-            pf = prefill(self.model, ids, record_rows=m.prefill_rows() if m.evicts else 0,
+            pf = prefill(self.model, ids, record_rows=m.recorded() if m.evicts else 0,
                          extra=m.prefill_extra(self.model) if m.evicts else None)
             t_prefill = clock.lap()
             full_bytes = kv_bytes(pf.cache)
@@ -190,26 +230,38 @@ class Bench:
         """Seconds the in-prefill recording of this method's rows costs over all layers, timed directly on
         query and key tensors of the model's shapes (the recording is otherwise hidden inside the prefill):
         {"used": the path the prefill takes, and, where that is the fused kernel, "pytorch": the other path}."""
-        rows = m.prefill_rows() if m.evicts else 0
+        counts = m.recorded() if m.evicts else []
         extra = m.prefill_extra(self.model) if m.evicts else None
         if extra is not None:
-            rows = extra.embeds.shape[1]
-        if rows == 0:
+            counts = [extra.embeds.shape[1]]
+        if not counts:
             return {"used": 0.0}
-        rows = length if rows < 0 else rows
+        counts = [length if r < 0 else r for r in counts]
+        rows = max(counts)
         cfg = self.model.config
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         q = torch.randn(1, cfg.num_attention_heads, rows, d, device=self.device, dtype=self.dtype)
         k = torch.randn(1, cfg.num_key_value_heads, length + (rows if extra is not None else 0), d,
                         device=self.device, dtype=self.dtype)
         layer = SimpleNamespace(layer_idx=0)
+        lse = None
+        if attention.lse_applies(q.shape[1], k.shape[1], d, self.dtype, self.device):
+            # the prefill's own attention call gives the rows' log-sum-exp: the recording is one pass over the keys
+            logits = (q.float().view(1, k.shape[1], -1, d) @ k.float().transpose(-1, -2)).view(1, q.shape[1], rows, -1)
+            hidden = torch.arange(k.shape[2], device=self.device) > torch.arange(
+                k.shape[2] - rows, k.shape[2], device=self.device)[:, None]
+            lse = (logits * d**-0.5).masked_fill(hidden, float("-inf")).logsumexp(-1)
+            del logits
 
-        def all_layers():
-            rec = attention.Recording(rows=rows, columns=length if extra is not None else None)
+        def all_layers(lse=lse):
+            recs = [attention.Recording(rows=r, columns=length if extra is not None else None) for r in counts]
             for _ in range(cfg.num_hidden_layers):
-                attention._record(rec, layer, q, k, d**-0.5, None)
+                for rec in recs:
+                    attention._record(rec, layer, q, k, d**-0.5, None, lse=lse)
 
         out = {"used": median(time_calls(all_layers, self.devices, self.cfg.repeats, warmup=1))}
+        if lse is not None:  # the two passes it replaces, for comparison
+            out["two_pass"] = median(time_calls(lambda: all_layers(None), self.devices, self.cfg.repeats, warmup=1))
         if kernels.pays(q):
             with kernels.disabled():
                 out["pytorch"] = median(time_calls(all_layers, self.devices, self.cfg.repeats, warmup=1))
@@ -251,23 +303,35 @@ class Bench:
                 del x, ys
         return total
 
+    def labels(self) -> list[str]:
+        """What the TTFT runs time: every method, and plain transformers."""
+        return list(self.methods) + ([PLAIN] if self.cfg.plain else [])
+
     def ttft(self, bar: tqdm) -> list[dict]:
         out = []
-        labels = list(self.methods)
+        labels = self.labels()
         for length in self.cfg.contexts:
             ids = self._ids(1, length)
+            lengths = iter(self._lengths(length, (self.cfg.warmup + self.cfg.repeats) * len(labels)))
             runs: dict[str, list[dict]] = {label: [] for label in labels}
             for r in range(self.cfg.warmup + self.cfg.repeats):
                 order = labels[r % len(labels):] + labels[: r % len(labels)]
                 for label in order:
                     bar.set_postfix_str(f"TTFT {label} @ {length}")
-                    run = self._ttft_once(self.methods[label], ids)
+                    n = next(lengths)
+                    run = self._plain_once(ids[:, :n]) if label == PLAIN else self._ttft_once(self.methods[label],
+                                                                                              ids[:, :n])
+                    run["length"] = n
                     if r >= self.cfg.warmup:
                         runs[label].append(run)
                     bar.update()
-            full = runs["full"]
+            full, plain = runs["full"], runs.get(PLAIN)
+            ttft_plain = median([p["ttft"] for p in plain]) if plain else None
             for label in labels:
                 rs = runs[label]
+                if label == PLAIN:
+                    out.append(_plain_row(length, rs, full))
+                    continue
                 overhead = [(a["ttft"] - f["ttft"]) / f["ttft"] for a, f in zip(rs, full)]
                 stages = {k: median([x["stages"].get(k, 0.0) for x in rs]) for k in rs[0]["stages"]}
                 m = self.methods[label]
@@ -284,18 +348,26 @@ class Bench:
                 rows_share = m.prefill_extra(self.model).embeds.shape[1] / length * median(
                     [f["stages"]["prefill"] for f in full]) if extra else 0.0
                 in_prefill = record + adapter + rows_share
+                stages_overhead = (in_prefill + after) / ttft_full if m.evicts else 0.0
+                vs_plain = {}
+                if plain:  # against plain transformers: paired, and our full TTFT + this method's timed work
+                    paired = [(a["ttft"] - p["ttft"]) / p["ttft"] for a, p in zip(rs, plain)]
+                    vs_plain = {"ttft_plain_s": ttft_plain, "overhead_plain": median(paired),
+                                "overhead_stages_plain": (ttft_full * (1 + stages_overhead) - ttft_plain) / ttft_plain}
                 out.append({
                     "context": length, "method": label, "budget": self.cfg.budget if m.evicts else length,
                     "ttft_s": median([x["ttft"] for x in rs]), "ttft_full_s": ttft_full,
                     "overhead": median(overhead) if m.evicts else 0.0,
-                    "overhead_stages": (in_prefill + after) / ttft_full if m.evicts else 0.0,
+                    "overhead_stages": stages_overhead, **vs_plain, "lengths": [x["length"] for x in rs],
                     "stages_s": {**stages, "prefill_delta": prefill_delta, "record": record,
                                  **({"adapter": adapter, "extra_rows_share": rows_share} if extra else {})},
                     "kv_bytes_full": rs[0]["kv_bytes_full"], "kv_bytes_kept": rs[0]["kv_bytes_kept"],
+                    "bytes_length": rs[0]["length"],  # the prompt length the byte figures are of
                     "storage_bytes": rs[0]["storage_bytes"], "kept_tokens": rs[0]["kept_tokens"],
                     "peak_bytes": max((x["peak_bytes"] or 0) for x in rs) or None,
                     "ttft_runs_s": [x["ttft"] for x in rs], "overhead_runs": overhead,
                     **({"record_pytorch_s": paths["pytorch"]} if "pytorch" in paths else {}),
+                    **({"record_two_pass_s": paths["two_pass"]} if "two_pass" in paths else {}),
                 })
             del ids
         return out
@@ -310,7 +382,7 @@ class Bench:
             if spec not in self.methods or not self.methods[spec].evicts:
                 continue
             m = self.methods[spec]
-            base = prefill(self.model, ids, record_rows=m.prefill_rows(), extra=m.prefill_extra(self.model))
+            base = prefill(self.model, ids, record_rows=m.recorded(), extra=m.prefill_extra(self.model))
             for b in self.cfg.decode_budgets:
                 if b >= length:
                     continue
@@ -399,7 +471,7 @@ class Bench:
     def run(self, checkpoint: Path | None = None) -> dict:
         """Every measurement; with `checkpoint`, the TTFT results are written there before decoding starts
         (a run cut short still leaves them)."""
-        n_ttft = len(self.cfg.contexts) * (self.cfg.warmup + self.cfg.repeats) * len(self.methods)
+        n_ttft = len(self.cfg.contexts) * (self.cfg.warmup + self.cfg.repeats) * len(self.labels())
         n_caches = 1 + len(self.cfg.decode_budgets) * (1 + sum(s in self.methods for s in self.cfg.decode_methods))
         total = n_ttft + len(self.cfg.decode_batches) * n_caches
         clock = Clock("cpu")
@@ -431,6 +503,42 @@ class Bench:
             "row_attention": "fused Triton kernel (<= 64 rows)" if kernels.pays(
                 torch.empty(1, 1, 1, 1, dtype=self.dtype, device=self.device)) else "PyTorch",
         }
+
+
+@contextlib.contextmanager
+def plain_attention(model):
+    """The model as plain transformers runs it inside the block: its own sdpa attention, and the base layers
+    in place of the lookahead LoRA's PEFT wrappers (switched off, but each a Python call on every forward);
+    ours again after it."""
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    for name, m in wrapped:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, m.base_layer)
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        attention.install(model)
+        for name, m in wrapped:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, m)
+
+
+def _plain_row(length: int, rs: list[dict], full: list[dict]) -> dict:
+    """The TTFT row of plain transformers: its overhead against our full cache (paired), 0 against itself."""
+    ttft = median([x["ttft"] for x in rs])
+    return {"context": length, "method": PLAIN, "budget": length, "ttft_s": ttft,
+            "ttft_full_s": median([f["ttft"] for f in full]),
+            "overhead": median([(p["ttft"] - f["ttft"]) / f["ttft"] for p, f in zip(rs, full)]),
+            "overhead_stages": 0.0, "ttft_plain_s": ttft, "overhead_plain": 0.0, "overhead_stages_plain": 0.0,
+            "lengths": [x["length"] for x in rs], "stages_s": {"prefill": median([x["ttft"] for x in rs])},
+            "kv_bytes_full": rs[0]["kv_bytes_full"], "kv_bytes_kept": rs[0]["kv_bytes_kept"],
+            "bytes_length": rs[0]["length"], "storage_bytes": rs[0]["storage_bytes"],
+            "kept_tokens": rs[0]["kept_tokens"],
+            "peak_bytes": max((x["peak_bytes"] or 0) for x in rs) or None,
+            "ttft_runs_s": [x["ttft"] for x in rs], "overhead_runs": [], "plain": True}
 
 
 def _rows_only(model, m: Method) -> Method:

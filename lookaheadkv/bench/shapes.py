@@ -22,6 +22,10 @@ SHAPES: dict[str, tuple[str, dict]] = {
     "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
                                    rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    # The default model's shape (HuggingFaceTB's SmolLM2-135M-Instruct config), for its timings without its files.
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True)),
     # Seconds-long CPU tests.
     "tiny": ("llama", dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2)),

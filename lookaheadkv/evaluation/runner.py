@@ -340,22 +340,24 @@ class Evaluator:
             suffix = None
         methods = {k: m for k, m in self.methods.items()
                    if k not in self.dropped and m.evicts and any(w[0] == k for w in wanted)}
-        rows_wanted = sorted({m.prefill_rows() for m in methods.values()} - {0})
+        rows_wanted = sorted({r for m in methods.values() for r in m.recorded()})
         with self.stage("prefill"):
             pf = prefill(model, ids, valid, record_rows=rows_wanted)
         copies = [Copy("full", None, pf, [None] * self.n_layers, pf.key_valid(self.n_layers), pf.length, 0.0)]
         for label, m in methods.items():
-            t0 = time.perf_counter()
-            try:
-                with self.stage(f"score {label}"):
-                    scores = m.scores(model, pf.clone())
-            except LookaheadKVError as e:
-                self.dropped.add(label)
-                self.note(f"method {label} dropped from this run: {e}")
-                continue
-            score_s = time.perf_counter() - t0
-            fixed = copy.copy(m)
-            fixed.scores = lambda _model, _pf, _s=scores: _s  # the budget-free scores, computed once
+            scores, fixed, score_s = None, m, 0.0  # scores that depend on the budget: evict scores at each one
+            if m.budget_free():
+                t0 = time.perf_counter()
+                try:
+                    with self.stage(f"score {label}"):
+                        scores = m.scores(model, pf.clone())
+                except LookaheadKVError as e:
+                    self.dropped.add(label)
+                    self.note(f"method {label} dropped from this run: {e}")
+                    continue
+                score_s = time.perf_counter() - t0
+                fixed = copy.copy(m)
+                fixed.scores = lambda _model, _pf, _s=scores: _s  # the budget-free scores, computed once
             for b in self.budgets:
                 if (label, b) not in wanted:
                     continue
