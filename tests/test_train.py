@@ -263,6 +263,7 @@ def test_the_trainer_benchmark_reports_what_it_ran(tmp_path):
         bench_reference,
         bench_steps,
         markdown,
+        profile_tables,
     )
 
     model = tiny_model()
@@ -282,6 +283,9 @@ def test_the_trainer_benchmark_reports_what_it_ran(tmp_path):
     text = markdown({"model": "tiny", "hardware": "cpu", "min_tokens": 20, "max_tokens": 48, "collection": coll,
                      "reference": ref, "generate": gen, "training": steps, "forms": list(forms.values())})
     assert "| lookaheadkv.collect" in text and "top-8 + even rest" in text and "| ratio" in text
+    tables = profile_tables(model, mod, targets, ids, 5, 2, set(), steps=2)
+    assert tables["collect"].startswith("# collect_batch: 6 prompts") and "aten::" in tables["collect"]
+    assert tables["train"].startswith("# 2 training steps at batch 2") and "autograd" in tables["train"].lower()
 
 
 def test_train_killed_mid_run_and_started_again_gives_the_uninterrupted_module(tmp_path):

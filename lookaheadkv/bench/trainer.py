@@ -11,6 +11,8 @@
 2. Training steps (train.batch_loss + AdamW) at --batch-size on those targets: steps/s, prompts/s, peak memory.
 3. The target's form: the loss of one predictor against the fp32 truth and against the truth as stored (fp16,
    bf16) or cut to its top-k entries per head (the rest spread evenly), over the same prompts.
+4. With --profile: torch.profiler over one collection batch and a few training steps, the top operators by
+   self time (the device's where there is one) in profile_collect.txt and profile_train.txt: where the time goes.
 Writes bench_train.json and bench_train.md to --out and prints the tables.
 """
 
@@ -193,6 +195,46 @@ def bench_forms(model, mod, targets: list, n: int = 64, ks=(256, 512, 1024)) -> 
             for k, v in rows.items()]
 
 
+def profile_tables(model, mod: la.LookaheadModule, targets: list, ids: list[torch.Tensor], cap: int, batch: int,
+                   eos: set[int], steps: int = 5, rows: int = 30) -> dict[str, str]:
+    """Operator tables (torch.profiler) for one collection batch of up to 64 prompts and `steps` training steps,
+    sorted by self time on the device (CUDA) or the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    part = sorted(ids[:64], key=len)
+    collect_batch(model, part[:4], 8, eos)  # warm-up
+    out = {}
+    with profile(activities=activities) as prof:
+        collect_batch(model, part, cap, eos)
+        if cuda:
+            torch.cuda.synchronize(device)
+    out["collect"] = (f"# collect_batch: {len(part)} prompts (mean {sum(map(len, part)) / len(part):.0f} tokens), "
+                      f"cap {cap}\n\n" + prof.key_averages().table(sort_by=key, row_limit=rows))
+    opt = torch.optim.AdamW(mod.parameters(model), lr=1e-3)  # the module bench_steps trained
+    order = sorted(range(len(targets)), key=lambda i: len(targets[i].ids))
+    groups = [[targets[i] for i in order[k:k + batch]] for k in range(0, len(order) - batch + 1, batch)]
+
+    def step(g):
+        loss, _ = batch_loss(model, mod, g, grad=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step(groups[0])
+    with profile(activities=activities) as prof:
+        for k in range(steps):
+            step(groups[k % len(groups)])
+        if cuda:
+            torch.cuda.synchronize(device)
+    out["train"] = (f"# {steps} training steps at batch {batch}\n\n"
+                    + prof.key_averages().table(sort_by=key, row_limit=rows))
+    return out
+
+
 def _g(x: float | None) -> str:
     """3 significant digits (a CPU's 0.0871 prompts/s and a GPU's 187 alike); – where not measured."""
     return "–" if x is None or x != x else f"{x:.3g}"
@@ -248,9 +290,10 @@ def markdown(res: dict) -> str:
 @click.option("--seed", default=1, show_default=True, help="prompt seed (the training prompts use 0)")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, exists=True),
               help="take the prompts from this file (`lookaheadkv prompts`) instead of building them")
+@click.option("--profile", is_flag=True, help="also write operator tables (torch.profiler): where the time goes")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 def bench_train(model_name, device, samples, min_tokens, max_tokens, response_tokens, batch_tokens, batch_size, steps,
-                generate_batches, generate_share, reference_batch, seed, prompts_file, out):
+                generate_batches, generate_share, reference_batch, seed, prompts_file, profile, out):
     """Collection and training throughput of the lookahead trainer, and the stored target's form."""
     from ..models import load_model
 
@@ -283,3 +326,8 @@ def bench_train(model_name, device, samples, min_tokens, max_tokens, response_to
     text = markdown(res)
     (out / "bench_train.md").write_text(text + "\n")
     click.echo(text)
+    if profile:
+        tables = profile_tables(model, mod, targets, ids, response_tokens, batch_size, eos_ids(model, tok))
+        for name, table in tables.items():
+            (out / f"profile_{name}.txt").write_text(table + "\n")
+            click.echo(table.splitlines()[0])

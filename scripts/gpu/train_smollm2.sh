@@ -71,7 +71,7 @@ for s in ${SKIP:-}; do touch "$R/$s.done"; done  # stages a short lease leaves o
 if stage bench; then
   logrun "$R/bench.log" lkv bench-train --device "$DEVICE" --prompts "$BENCH_P" --samples "${BENCH_SAMPLES:-2048}" \
     --response-tokens "$BENCH_CAP" --batch-size 16 --steps "${BENCH_STEPS:-60}" --generate-batches "${GEN_BATCHES-256}" \
-    --generate-share 0.125 --out "$R/bench" && done_ bench
+    --generate-share 0.125 --profile --out "$R/bench" && done_ bench
 fi
 
 if stage targets; then
