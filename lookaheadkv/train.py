@@ -101,6 +101,8 @@ def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], store:
     stats["seconds"] = time.perf_counter() - t0
     if device.type == "cuda":
         stats["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if stats["prompts"]:
+        store.log_collection({**stats, "hardware": hardware(device)})
     return stats
 
 
@@ -302,6 +304,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, log = state["step"], state["log"]
+    prior_s = log.get("train_seconds", 0.0)  # the training loop's time in earlier processes of this run (resumes)
     eval_at = {round(total * (k + 1) / cfg.evals) for k in range(cfg.evals)} if cfg.evals else set()
 
     def validate() -> dict:
@@ -353,9 +356,11 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
             if "loss" in v:
                 bar.write(f"step {step}: validation KL {v['loss']:.4f}, recall@64 {v['recall@64']:.3f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            log["train_seconds"] = prior_s + time.perf_counter() - t1
             _checkpoint(model, mod, ckpt, opt, sched, step, log, signature)
     bar.close()
     train_s = time.perf_counter() - t1
+    log["train_seconds"] = prior_s + train_s
     if stopped:
         log["steps"] += [{"step": step - len(pending) + j + 1, "loss": v}
                          for j, v in enumerate(torch.stack(pending).tolist())] if pending else []
@@ -377,7 +382,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         "optimisation": {"steps": step, "planned_steps": total, "stopped_by_time_limit": stopped,
                          "optimizer": "AdamW", "schedule": f"linear warmup {cfg.warmup:.0%}, cosine to "
                          f"{cfg.final_lr:.0%} of lr", "grad_clip": 1.0},
-        "module": {"n": cfg.n, "rank": cfg.rank, "alpha": cfg.alpha, "targets": list(la.TARGETS) if cfg.rank else []},
+        "module": {"n": cfg.n, "rank": cfg.rank, "alpha": cfg.alpha, "targets": list(mod.targets) if cfg.rank else []},
         "validation": {"untrained": log["validation"][0], "final": log["validation"][-1]},
         "collection": collection,
         "throughput": {"train_steps_per_s": steps_here / train_s if train_s else None,
@@ -387,7 +392,12 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         "time_s": {"targets": round(collection["seconds"], 1), "training": round(train_s, 1),
                    "total": round(time.perf_counter() - t_start, 1)},
         "hardware": hardware(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        # What the module cost, whoever collected its targets (the store's log) and however often it resumed
+        "cost": {"hardware": hardware(device), "targets_s": store.collection_cost()["seconds"],
+                 "targets": store.collection_cost(), "training_s": round(log["train_seconds"], 3),
+                 "prompts_with_targets": len(answered), "prompts_trained": len(train_idx), "steps": step},
     }
+    info["cost"]["total_s"] = round(info["cost"]["targets_s"] + info["cost"]["training_s"], 3)
     if device.type == "cuda":
         info["throughput"]["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if not stopped:
