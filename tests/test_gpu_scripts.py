@@ -157,3 +157,23 @@ def test_evaluation_rounds_parse_and_label_a_module_by_its_method_alone():
     assert eval_rounds.label("lookahead:module=/tmp/lkv/m/work/main_bf16") == "lookahead"
     assert eval_rounds.label("lookahead:passes=2:module=/x") == "lookahead:passes=2"
     assert eval_rounds.label("speckv:k=32:draft_model=qwen2.5-coder-0.5b-instruct").startswith("speckv:k=32")
+
+
+def test_the_pipeline_profiles_resolve_per_model(tmp_path):
+    def plan(model, **env):
+        rc, out = sh(str(GPU / "pipeline.sh"), MODEL=model, DRY="1", LKV_ENV="1", LKV_DIR=str(tmp_path), **env)
+        assert rc == 0, out
+        return dict(line.split("=", 1) for line in out.splitlines())
+
+    smol = plan("smollm2-135m-instruct")
+    assert smol["STAGES"] == "bench targets sweep main bf16 eval& recall" and smol["N_MAIN"] == "24000"
+    assert smol["ABLATIONS"].count("|") == 6 and smol["DTYPE"] == "float32"
+    q15 = plan("qwen2.5-coder-1.5b-instruct")
+    assert q15["STAGES"] == "targets main bf16 cost eval" and q15["EVAL_BUDGETS"] == "64,128,256,512,1024"
+    rounds = [r.split(":") for r in q15["EVAL_PLAN"].split(";") if r]
+    assert [(int(n), f) for _, _, n, f in rounds][:3] == [(10, "q15_4k"), (10, "q15_8k"), (10, "q15_16k")]
+    assert max(int(n) for length, _, n, _ in rounds if length == "16384") == 25  # >= 25 at 16K, 50 below
+    assert "speckv:k=32:draft_model=qwen2.5-coder-0.5b-instruct" in q15["COMPARE_METHODS"]
+    assert "speckv" in q15["COST_METHODS"] and "lookahead" in q15["COST_METHODS"]
+    q05 = plan("qwen2.5-coder-0.5b-instruct", TARGETS_LIMIT="60")
+    assert "speckv" not in q05["COMPARE_METHODS"] + q05["COST_METHODS"] and q05["TARGETS_LIMIT"] == "60"

@@ -13,6 +13,9 @@ put() {  # put FILE: into $OUT, in 15 MiB parts if larger
     mv "$1" "$OUT/"
   fi
 }
+# a model's folder is one its pipeline started in (gpu.txt), not start.sh's snapshot of the code
+results=()
+for g in "$D"/*/results/gpu.txt; do [ -f "$g" ] && results+=("$(basename "$(dirname "$(dirname "$g")")")/results"); done
 {
   for log in "$D"/lane-*.log; do
     [ -f "$log" ] || continue
@@ -20,8 +23,8 @@ put() {  # put FILE: into $OUT, in 15 MiB parts if larger
     tr '\r' '\n' < "$log" | awk '/%\|/ { last = $0; next } { print } END { if (last) print last }' \
       | tail -n "${LINES_SHOWN:-30}"
   done
-  for r in "$D"/*/results; do
-    [ -d "$r" ] || continue
+  for r in "${results[@]}"; do
+    r=$D/$r
     echo "--- $(basename "$(dirname "$r")") done: $(ls "$r"/*.done 2>/dev/null | xargs -n1 basename 2>/dev/null | paste -sd' ')"
     for f in "$r"/*.log; do  # the newest progress line of every log still being written
       [ -f "$f" ] && [ "$(find "$f" -mmin -1)" ] && echo "  $(basename "$f"): $(tr '\r' '\n' < "$f" | grep '%|' | tail -1)"
@@ -30,12 +33,13 @@ put() {  # put FILE: into $OUT, in 15 MiB parts if larger
   [ -f "$D/deadline" ] && echo "deadline in $(( $(cat "$D/deadline") - $(date +%s) )) s"
 } | tee "$OUT/status.txt"
 tmp=$(mktemp -d)
-(cd "$D" && ls -d */results > /dev/null 2>&1) && {
-  tar czf "$tmp/results.tgz" -C "$D" --exclude='*/results/eval' --exclude='*/results/compare' */results 2>/dev/null
+if [ ${#results[@]} -gt 0 ]; then
+  (cd "$D" && tar czf "$tmp/results.tgz" --exclude='*/results/eval' --exclude='*/results/compare' "${results[@]}")
   put "$tmp/results.tgz"
-  (cd "$D" && ls -d */results/eval */results/compare > /dev/null 2>&1) && \
-    tar czf "$tmp/rows.tgz" -C "$D" $(cd "$D" && ls -d */results/eval */results/compare 2>/dev/null) && put "$tmp/rows.tgz"
-}
+  rows=()
+  for r in "${results[@]}"; do for d in eval compare; do [ -d "$D/$r/$d" ] && rows+=("$r/$d"); done; done
+  if [ ${#rows[@]} -gt 0 ]; then (cd "$D" && tar czf "$tmp/rows.tgz" "${rows[@]}") && put "$tmp/rows.tgz"; fi
+fi
 for m in "$D"/*/work/main_bf16; do
   [ -f "$m/lookahead.json" ] || continue
   model=$(basename "$(dirname "$(dirname "$m")")")

@@ -42,8 +42,8 @@
 #   cost     contexts 4K/8K/16K x 5 methods x 3 repeats: ~2 min
 # Knobs: STAGES, P, N_MAIN, N_ABL, EPOCHS, BS, LR, LRS, ABLATIONS, CAP, CAP2, TARGETS_LIMIT, MAIN_LIMIT, EVALS,
 # SAMPLES (a glob in $LKV_DIR), EVAL_PLAN, EVAL_BUDGETS, EVAL_METHODS, EVAL_BATCH, EVAL_LIMIT, COMPARE_METHODS,
-# COMPARE_LIMIT, COST_CONTEXTS, COST_METHODS, COST_BUDGET, COST_REPEATS, COST_LIMIT, DTYPE. A rehearsal on the CPU
-# at toy sizes: scripts/gpu/rehearse_pipeline.sh (DEVICE=cpu, a temporary LKV_DIR, small prompts and plans).
+# COMPARE_LIMIT, COST_CONTEXTS, COST_METHODS, COST_BUDGET, COST_REPEATS, COST_LIMIT, DTYPE; DRY=1 prints them and
+# stops. A rehearsal on the CPU at toy sizes: scripts/gpu/rehearse_pipeline.sh (DEVICE=cpu, a temporary LKV_DIR).
 set -uo pipefail
 [ -n "${LKV_ENV:-}" ] || source scripts/gpu/device_setup.sh > /dev/null
 CODE=${CODE:-$PWD}  # start.sh runs a snapshot of the code: each call lays the tree anew
@@ -52,6 +52,9 @@ MODEL=${MODEL:-smollm2-135m-instruct}
 D=$LKV_DIR DEVICE=${DEVICE:-cuda}
 W=$D/$MODEL/work R=$D/$MODEL/results
 DRAFT=qwen2.5-coder-0.5b-instruct
+# The new module: found by identity in start.sh's snapshot once the bf16 stage put it there (rows and benchmark
+# labelled plain `lookahead`), else by its path
+LOOKAHEAD=lookahead; [ "$CODE" = "$D/code" ] || LOOKAHEAD=lookahead:module=$W/main_bf16
 case "$MODEL" in
   smollm2-*)
     : "${STAGES:=bench targets sweep main bf16 eval& recall}" "${P:=$D/prompts_24k.safetensors}" "${N_MAIN:=24000}"
@@ -60,7 +63,7 @@ case "$MODEL" in
     : "${ABLATIONS=rank0:--rank 0|n8:--n 8|n16:--n 16|n64:--n 64|rank4:--rank 4|rank16:--rank 16|cap:--response-tokens ${CAP2:-256}}"
     : "${EVAL_BATCH:=50}" "${EVAL_LIMIT:=600}" "${EVALS:=8}" "${SAMPLES:=eval_samples_[0-9]*k.jsonl.gz}" ;;
   qwen2.5-coder-*)
-    tag=${MODEL#qwen2.5-coder-}; tag=q${tag%%-*}; tag=${tag//./}  # q15, q05
+    tag=${MODEL#qwen2.5-coder-}; tag=${tag%%b-*}; tag=q${tag//./}  # q15, q05: the rows' file names
     : "${STAGES:=targets main bf16 cost eval}" "${P:=$D/prompts_qwen.safetensors}" "${N_MAIN:=8000}" "${N_ABL:=1000}"
     : "${EPOCHS:=2}" "${TARGETS_LIMIT:=360}" "${MAIN_LIMIT:=240}" "${EVAL_BUDGETS:=64,128,256,512,1024}"
     : "${DTYPE:=bfloat16}" "${ABLATIONS=}" "${EVAL_BATCH:=25}" "${EVAL_LIMIT:=480}" "${COMPARE_LIMIT:=1500}"
@@ -73,15 +76,20 @@ case "$MODEL" in
     spec="" cost_spec=""  # the 0.5B drafts for the 1.5B (one tokenizer); nothing smaller drafts for the 0.5B
     [ "$MODEL" != "$DRAFT" ] && spec=",speckv:k=32:draft_model=$DRAFT" cost_spec=",speckv:k=32"
     : "${COMPARE_METHODS:=snapkv,pyramidkv,streamingllm,tova,laq$spec}"
-    : "${COST_METHODS:=full,snapkv,lookahead:module=$W/main_bf16,laq:k=8$cost_spec}"
+    : "${COST_METHODS:=full,snapkv,$LOOKAHEAD,laq:k=8$cost_spec}"
     : "${COST_CONTEXTS:=4096,8192,16384}" ;;
   *) : "${STAGES:=targets main bf16}" "${P:=$D/prompts.safetensors}" "${N_MAIN:=2000}" ;;
 esac
 : "${N_ABL:=4000}" "${EPOCHS:=1}" "${BS:=16}" "${LR:=3e-3}" "${LRS:=1e-3 3e-3 1e-2}" "${CAP:=512}" "${CAP2:=256}"
 : "${BENCH_P:=$D/prompts_bench.safetensors}" "${BENCH_CAP:=256}" "${RECALL_N:=200}" "${EVALS:=4}"
-: "${EVAL_METHODS:=lookahead:module=$W/main_bf16}" "${EVAL_LIMIT:=600}" "${COMPARE_LIMIT:=600}" "${COST_LIMIT:=300}"
-: "${COMPARE_METHODS:=}" "${COST_METHODS:=full,snapkv,lookahead:module=$W/main_bf16,laq:k=8}" "${ABLATIONS=}"
+: "${EVAL_METHODS:=$LOOKAHEAD}" "${EVAL_LIMIT:=600}" "${COMPARE_LIMIT:=600}" "${COST_LIMIT:=300}"
+: "${COMPARE_METHODS:=}" "${COST_METHODS:=full,snapkv,$LOOKAHEAD,laq:k=8}" "${ABLATIONS=}"
 : "${COST_CONTEXTS:=4096,8192}" "${DTYPE:=bfloat16}" "${EVAL_BATCH:=25}" "${EVAL_PLAN:=}"
+if [ "${DRY:-0}" = 1 ]; then  # the resolved plan alone (tests, and a look before a lease)
+  for v in MODEL STAGES P N_MAIN CAP EPOCHS LR TARGETS_LIMIT MAIN_LIMIT EVAL_PLAN EVAL_BUDGETS EVAL_METHODS \
+           COMPARE_METHODS COST_METHODS COST_CONTEXTS DTYPE SAMPLES ABLATIONS; do echo "$v=${!v:-}"; done
+  exit 0
+fi
 # The target stores (fp16 truth: ~15 GB for 8K Qwen-1.5B prompts of ~3.9K tokens) go to shared memory when it has
 # room: no disk in the way of the collection's writes, and parallel runs read one copy.
 T=$W
@@ -181,7 +189,10 @@ st_main() {
 }
 st_bf16() {  # the module in bf16, as shipped; a time-stopped run's checkpoint, its log saying so
   logrun "$R/bf16.log" python3 "$CODE/scripts/gpu/ship_module.py" --model "$MODEL" --run "$W/main" \
-    --out "$W/main_bf16" --device "$DEVICE"
+    --out "$W/main_bf16" --device "$DEVICE" || return 1
+  if [ "$CODE" = "$D/code" ]; then  # into start.sh's snapshot: `lookahead` finds it by identity, as once shipped
+    rm -rf "$CODE/lookaheadkv/modules/$MODEL" && cp -r "$W/main_bf16" "$CODE/lookaheadkv/modules/$MODEL"
+  fi
 }
 st_recall() {
   local head=$D/heldout_200.json M=$W/main

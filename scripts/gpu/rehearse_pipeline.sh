@@ -24,7 +24,7 @@ export DEVICE=cpu DTYPE=float32 P=$LKV_DIR/prompts_$tag.safetensors N_MAIN=8 CAP
 export EVAL_PLAN="1024:niah_single_1:1:rehearsal_1k" EVAL_BUDGETS=64,128 SAMPLES="eval_samples_q1k.jsonl.gz"
 export COMPARE_METHODS=${COMPARE_METHODS:-snapkv,laq} COST_CONTEXTS=512 COST_BUDGET=64 COST_REPEATS=1
 export TARGETS_LIMIT=300 MAIN_LIMIT=300
-export COST_METHODS=${COST_METHODS:-full,snapkv,lookahead:module=$LKV_DIR/$model/work/main_bf16} OUT=$LKV_DIR/out
+export COST_METHODS=${COST_METHODS:-full,snapkv,lookahead} OUT=$LKV_DIR/out
 echo "LKV_DIR=$LKV_DIR"
 source scripts/gpu/device_setup.sh > /dev/null
 LEASE_LEFT=1500 bash scripts/gpu/start.sh "$model:targets,main,bf16,cost,eval;$model:compare"

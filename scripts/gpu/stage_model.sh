@@ -193,7 +193,7 @@ _lkv_convert() {  # _lkv_convert MODEL: `lookaheadkv models fetch` on the assemb
 
 _lkv_stage() {
   LKV_DIR=${LKV_DIR:-/tmp/lkv}
-  local verb=${1:-}
+  local verb=${1:-} m
   shift || true
   case "$verb" in
     split) for m in "$@"; do _lkv_split "$m" || return 1; done ;;

@@ -59,7 +59,9 @@ for i in "${!lanes[@]}"; do
     # shellcheck disable=SC2016
     script+="MODEL=$model ${stages:+STAGES=\"${stages//,/ }\"} CODE=$D/code bash $D/code/scripts/gpu/pipeline.sh; "
   done
-  (cd "$D/code" && setsid nohup bash -c "$script" > "$D/lane-$i.log" 2>&1 < /dev/null & echo $! > "$pid")
+  # the lane writes its own pid: setsid forks when its caller leads a process group, so $! is not the lane's
+  (cd "$D/code" && setsid nohup bash -c "echo \$\$ > '$pid'; $script" > "$D/lane-$i.log" 2>&1 < /dev/null &)
+  for _ in 1 2 3 4 5 6 7 8 9 10; do [ -s "$pid" ] && break; sleep 0.2; done
   echo "lane $i started: $script"
 done
 echo "deadline in $(( $(cat "$D/deadline") - $(date +%s) )) s"

@@ -81,7 +81,7 @@ def unpack(files_at: Path, root: Path) -> list[str]:
                 with tarfile.open(f) as tar:
                     for m in tar.getmembers():
                         parts = Path(m.name).parts  # MODEL/results/...
-                        if not m.isfile() or len(parts) < 3:
+                        if not m.isfile() or len(parts) < 3 or m.name.endswith(".done"):
                             continue
                         rest = Path(*parts[2:])
                         if rest.parts[0] == "cost":
