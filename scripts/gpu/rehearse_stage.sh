@@ -22,7 +22,7 @@ play() {  # play N CARRY_JSON: one simulated device call
     cp -al --parents -t "$tree" "$p"
   done
   echo "== call $1: $2"
-  (cd "$tree" && LKV_WAIT=${3:-0} PYTHON=${PYTHON:-python3} bash -c 'source scripts/gpu/device_setup.sh > /dev/null')
+  (cd "$tree" && LKV_WAIT=${3:-0} PYTHON=${PYTHON:-python3} bash -c 'source scripts/gpu/device_setup.sh' | grep ': ' || true)
   rm -rf "$tree"
 }
 for i in "${!calls[@]}"; do
