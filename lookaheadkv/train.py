@@ -113,6 +113,8 @@ def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], store:
     if distributed.world() > 1:
         stats = _sum_stats(distributed.gather(stats))  # also the barrier: every rank's shards are on disk now
         store.reload()
+    if stats["prompts"] and distributed.is_main():  # once, for every rank's share
+        store.log_collection({**stats, "hardware": hardware(device)})
     return stats
 
 
@@ -333,6 +335,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, log = state["step"], state["log"]
+    prior_s = log.get("train_seconds", 0.0)  # the training loop's time in earlier processes of this run (resumes)
     eval_at = {round(total * (k + 1) / cfg.evals) for k in range(cfg.evals)} if cfg.evals else set()
 
     def validate() -> dict:
@@ -395,9 +398,11 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
             if "loss" in v and distributed.is_main():
                 bar.write(f"step {step}: validation KL {v['loss']:.4f}, recall@64 {v['recall@64']:.3f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total and distributed.is_main():
+            log["train_seconds"] = prior_s + time.perf_counter() - t1
             _checkpoint(model, mod, ckpt, opt, sched, step, log, signature)
     bar.close()
     train_s = time.perf_counter() - t1
+    log["train_seconds"] = prior_s + train_s
     if stopped:
         log["steps"] += [{"step": step - len(pending) + j + 1, "loss": v}
                          for j, v in enumerate(_global_losses(pending))] if pending else []
@@ -420,7 +425,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         "optimisation": {"steps": step, "planned_steps": total, "stopped_by_time_limit": stopped,
                          "optimizer": "AdamW", "schedule": f"linear warmup {cfg.warmup:.0%}, cosine to "
                          f"{cfg.final_lr:.0%} of lr", "grad_clip": 1.0},
-        "module": {"n": cfg.n, "rank": cfg.rank, "alpha": cfg.alpha, "targets": list(la.TARGETS) if cfg.rank else []},
+        "module": {"n": cfg.n, "rank": cfg.rank, "alpha": cfg.alpha, "targets": list(mod.targets) if cfg.rank else []},
         "validation": {"untrained": log["validation"][0], "final": log["validation"][-1]},
         "collection": collection,
         "throughput": {"train_steps_per_s": steps_here / train_s if train_s else None,
@@ -431,7 +436,12 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
                    "total": round(time.perf_counter() - t_start, 1)},
         "hardware": hardware(device), "processes": distributed.world(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        # What the module cost, whoever collected its targets (the store's log) and however often it resumed
+        "cost": {"hardware": hardware(device), "targets_s": store.collection_cost()["seconds"],
+                 "targets": store.collection_cost(), "training_s": round(log["train_seconds"], 3),
+                 "prompts_with_targets": len(answered), "prompts_trained": len(train_idx), "steps": step},
     }
+    info["cost"]["total_s"] = round(info["cost"]["targets_s"] + info["cost"]["training_s"], 3)
     if device.type == "cuda":
         info["throughput"]["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if distributed.is_main():

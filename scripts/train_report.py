@@ -1,4 +1,4 @@
-"""Tables and a plot from the training runs of scripts/gpu/train_smollm2.sh (their train_log.json files).
+"""Tables and a plot from the training runs of scripts/gpu/pipeline.sh (their train_log.json files).
 
     python scripts/train_report.py RESULTS_DIR --out-train results/train --out-ablations results/lookahead
 

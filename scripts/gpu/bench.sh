@@ -5,7 +5,7 @@
 #     source scripts/gpu/device_setup.sh; bash scripts/gpu/bench.sh kernel main smollm2
 #   call B: source scripts/gpu/device_setup.sh; bash scripts/gpu/bench.sh contexts qwen3
 # Random-weight shapes need nothing carried; smollm2 needs the default model converted on the machine
-# (scripts/gpu/device_setup.sh with the three GGUF parts, as in scripts/gpu/eval_smollm2.sh).
+# (scripts/gpu/device_setup.sh with the model's chunks carried, as scripts/gpu/stage.sh smollm2 plans them).
 # Only the JSON files come back ($OUT/<run>.json, at most 8 files a call); on the CPU,
 # `python -m lookaheadkv.bench.report results/bench/<run>/bench.json` writes bench.md and the plots beside each.
 set -uo pipefail

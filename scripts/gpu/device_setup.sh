@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# GPU side: source this at the start of a `run` command (carry .whl, and one .gpu/smollm2.partN a call).
-# Parts of SmolLM2's GGUF (three, see stage.sh) are parked in /tmp/lkv as they arrive; once all are there it is
-# assembled, checked by sha256 and converted (lookaheadkv models fetch), all kept while the machine is warm.
-# Other files carried in .gpu/ (prompt files, samples) are parked in /tmp/lkv too, .xz ones decompressed.
-export LOOKAHEADKV_HOME=/tmp/lkv/home PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-mkdir -p /tmp/lkv/home/downloads
-[ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl
-for p in .gpu/smollm2.part*; do [ -f "$p" ] && cp "$p" /tmp/lkv/; done
-for f in .gpu/*; do
-  case "$f" in
-    *.part*) ;;
-    *.xz) [ -f "/tmp/lkv/$(basename "$f" .xz)" ] || python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$f" "/tmp/lkv/$(basename "$f" .xz)" ;;
-    *) [ -f "$f" ] && cp "$f" /tmp/lkv/ ;;
-  esac
-done
-g=/tmp/lkv/home/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f /tmp/lkv/home/models/smollm2-135m-instruct/.complete ] && [ -f /tmp/lkv/smollm2.part0 ] && [ -f /tmp/lkv/smollm2.part1 ] && [ -f /tmp/lkv/smollm2.part2 ]; then
-  cat /tmp/lkv/smollm2.part0 /tmp/lkv/smollm2.part1 /tmp/lkv/smollm2.part2 > "$g"
-  python3 -c "from lookaheadkv.models import fetch; print(fetch('smollm2-135m-instruct'))"
-fi
-ls /tmp/lkv
+# GPU side: source this at the start of a `run` command (carry .whl and what scripts/gpu/stage_model.sh planned).
+# Sets the environment (LKV_DIR, default /tmp/lkv; LOOKAHEADKV_HOME=$LKV_DIR/home; PYTHONPATH with the tree and
+# the gguf wheel), parks every model whose chunks are carried (.gpu/MODEL/chunk.NN + chunks.sha256: assembled,
+# sha256-checked and converted once all are in; see stage_model.sh) and every other file carried in .gpu/ (.xz
+# ones decompressed), all in $LKV_DIR, which stays while the machine is warm. Prints one status line a model.
+export LKV_DIR=${LKV_DIR:-/tmp/lkv}
+_lkv_setup() {  # a function, so that sourcing leaves no variable of its own in the caller's shell
+  local f m
+  export LKV_ENV=1 LOOKAHEADKV_HOME=${LOOKAHEADKV_HOME:-$LKV_DIR/home} PYTHONUNBUFFERED=1
+  case ":${PYTHONPATH:-}:" in *":$PWD:"*) ;; *) export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" ;; esac
+  mkdir -p "$LKV_DIR" "$LOOKAHEADKV_HOME/downloads"
+  python3 -c "import gguf" 2>/dev/null || [ -z "$(ls .whl/gguf-*.whl 2>/dev/null)" ] \
+    || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl
+  unxz_to() { python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$@"; }
+  for f in .gpu/*; do
+    [ -f "$f" ] || continue
+    case "$f" in
+      *.xz) [ -f "$LKV_DIR/$(basename "$f" .xz)" ] || unxz_to "$f" "$LKV_DIR/$(basename "$f" .xz)" ;;
+      *) cp "$f" "$LKV_DIR/" ;;
+    esac
+  done
+  # shellcheck source=scripts/gpu/stage_model.sh
+  source scripts/gpu/stage_model.sh
+  for m in .gpu/*/chunks.sha256; do [ -f "$m" ] && _lkv_park "$(basename "$(dirname "$m")")"; done
+  for f in "$LKV_DIR"/*.xz; do  # a file that came in chunks, assembled
+    [ -f "$f" ] && [ ! -f "${f%.xz}" ] && unxz_to "$f" "${f%.xz}"
+  done
+  ls "$LKV_DIR"
+}
+_lkv_setup
+unset -f _lkv_setup unxz_to

@@ -4,12 +4,9 @@
 # Samples are made on the CPU machine beforehand (the GPU machine has no data sets):
 #   lookaheadkv eval --tasks ruler,qa,fidelity --n 50 --length 4096 --samples .gpu/eval_samples_4k.jsonl.gz --only-samples
 #   lookaheadkv eval --tasks ruler --n 50 --length 8192 --samples .gpu/eval_samples_8k.jsonl.gz --only-samples
-# (one file per call: a call carries at most 64 MiB, the ~18 MB tree and a 33 MB third of the model's GGUF)
-#   call 1: carry [".whl", ".gpu/smollm2.part0", ".gpu/eval_samples_4k.jsonl.gz"],
-#           command `source scripts/gpu/device_setup.sh; cp .gpu/eval_samples_4k.jsonl.gz /tmp/lkv/; echo staged`
-#   call 2: carry [".whl", ".gpu/smollm2.part1", ".gpu/eval_samples_8k.jsonl.gz"],
-#           command `source scripts/gpu/device_setup.sh; cp .gpu/eval_samples_8k.jsonl.gz /tmp/lkv/; echo staged`
-#   call 3: carry [".whl", ".gpu/smollm2.part2"], command `bash scripts/gpu/eval_smollm2.sh`
+# Staging: `bash scripts/gpu/stage.sh smollm2` (CPU) makes them with the model's chunks and plans the calls
+# (.gpu/calls-smollm2.txt); every call but the last: command `source scripts/gpu/device_setup.sh`, the last:
+# command `bash scripts/gpu/eval_smollm2.sh` (it sources device_setup.sh too).
 # Rows are appended to $OUT/*.jsonl one flushed line each (gzipped at the end), so a run cut short still returns
 # what it did;
 # the three runs (4K RULER + QA, 8K RULER, 4K fidelity) go in turn inside EVAL_SECONDS (default 470), each

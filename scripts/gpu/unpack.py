@@ -1,0 +1,119 @@
+"""CPU side, after a lease: what scripts/gpu/collect_out.sh brought back, into the repository.
+
+    python scripts/gpu/unpack.py FILES_AT [--root .]
+
+- NAME.partNN files are joined first;
+- rows.tgz: every evaluation file (the compare and eval lanes) is merged into results/eval/NAME.jsonl.gz, union by
+  row key (rows already there first), so leases add to one data set (the next lease resumes from the tree);
+- results.tgz: each model's logs, train logs, recall and trainer benchmark into results/train/MODEL_h200/, its
+  cost benchmark (`cost/`) into results/bench/MODEL_h200/ (`python -m lookaheadkv.bench.report` writes the tables);
+- module-MODEL.tar: the bf16 module into lookaheadkv/modules/MODEL/, where it is found by the model's identity.
+Prints what it wrote; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROW_KEY = ("model", "task", "length", "sample", "mode", "method", "budget")  # lookaheadkv.evaluation.runner's
+
+
+def join_parts(folder: Path, into: Path) -> list[Path]:
+    """The files of `folder`, NAME.partNN joined into NAME, copied to `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    parts: dict[str, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if ".part" in f.name and f.name.rsplit(".part", 1)[1].isdigit():
+            parts.setdefault(f.name.rsplit(".part", 1)[0], []).append(f)
+        elif f.is_file():
+            shutil.copy(f, into / f.name)
+    for name, group in parts.items():
+        with open(into / name, "wb") as out:
+            for p in group:
+                out.write(p.read_bytes())
+    return sorted(into.iterdir())
+
+
+def read_jsonl(data: bytes, gz: bool) -> list[dict]:
+    text = gzip.decompress(data).decode() if gz else data.decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def merge_rows(dest: Path, new: list[dict]) -> int:
+    """Union of dest's rows and `new` by row key, written gzipped; returns the rows added."""
+    old = read_jsonl(dest.read_bytes(), True) if dest.exists() else []
+    seen = {tuple(r.get(k) for k in ROW_KEY) for r in old}
+    added = []
+    for r in new:
+        key = tuple(r.get(k) for k in ROW_KEY)
+        if key not in seen:
+            seen.add(key)
+            added.append(r)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for r in old + added:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(dest)
+    return len(added)
+
+
+def unpack(files_at: Path, root: Path) -> list[str]:
+    done = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in join_parts(files_at, Path(tmp)):
+            if f.name == "rows.tgz":
+                with tarfile.open(f) as tar:
+                    for m in tar.getmembers():
+                        name = Path(m.name).name
+                        if m.isfile() and name.endswith((".jsonl", ".jsonl.gz")):
+                            rows = read_jsonl(tar.extractfile(m).read(), name.endswith(".gz"))
+                            dest = root / "results" / "eval" / (name.removesuffix(".gz").removesuffix(".jsonl")
+                                                                + ".jsonl.gz")
+                            done.append(f"{dest}: {merge_rows(dest, rows)} rows added from {m.name}")
+            elif f.name == "results.tgz":
+                with tarfile.open(f) as tar:
+                    for m in tar.getmembers():
+                        parts = Path(m.name).parts  # MODEL/results/...
+                        if not m.isfile() or len(parts) < 3 or m.name.endswith(".done"):
+                            continue
+                        rest = Path(*parts[2:])
+                        if rest.parts[0] == "cost":
+                            dest = root / "results" / "bench" / f"{parts[0]}_h200" / Path(*rest.parts[1:])
+                        else:
+                            dest = root / "results" / "train" / f"{parts[0]}_h200" / rest
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        dest.write_bytes(tar.extractfile(m).read())
+                        done.append(str(dest))
+            elif f.name.startswith("module-") and f.name.endswith(".tar"):
+                model = f.name.removeprefix("module-").removesuffix(".tar")
+                dest = root / "lookaheadkv" / "modules" / model
+                with tarfile.open(f) as tar:
+                    for m in tar.getmembers():
+                        if m.isfile():
+                            out = dest / Path(m.name).name
+                            out.parent.mkdir(parents=True, exist_ok=True)
+                            out.write_bytes(tar.extractfile(m).read())
+                done.append(f"{dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+            elif f.name == "status.txt":
+                done.append(f.read_text().rstrip())
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files_at", type=Path)
+    ap.add_argument("--root", type=Path, default=Path("."))
+    a = ap.parse_args(argv)
+    for line in unpack(a.files_at, a.root):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
