@@ -365,8 +365,6 @@ def resumed_equals_uninterrupted(args, out, want):
 
 
 def test_eval_interrupted_by_sigint_and_started_again_gives_the_uninterrupted_rows(stop_case, tmp_path, monkeypatch):
-    import threading
-
     from click.testing import CliRunner
 
     from lookaheadkv.cli import main
@@ -374,14 +372,14 @@ def test_eval_interrupted_by_sigint_and_started_again_gives_the_uninterrupted_ro
     args, want = stop_case
     out = tmp_path / "r.jsonl"
     write = runner.Sink.write
-    monkeypatch.setattr(runner.Sink, "write", lambda self, row: (write(self, row), time.sleep(0.1)))
 
-    def interrupt():  # a real SIGINT (Ctrl-C) to this process once the sixth row is on disk
-        while lines(out) < 6:
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGINT)
+    def write_then_interrupt(self, row):  # a real SIGINT (Ctrl-C) to this process once the sixth row is on disk
+        write(self, row)
+        if lines(out) == 6:  # raised in the main thread at its next step: no race with the run's end
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
 
-    threading.Thread(target=interrupt, daemon=True).start()
+    monkeypatch.setattr(runner.Sink, "write", write_then_interrupt)
     result = CliRunner().invoke(main, args + ["--out", str(out)])
     assert result.exit_code == 1 and "Aborted" in result.output  # click's answer to KeyboardInterrupt
     monkeypatch.undo()
