@@ -127,26 +127,38 @@ def bench_generate(model, tok, ids: list[torch.Tensor], cap: int, batch: int, va
     return {**out, "seconds": s, "prompts_per_s": len(ids) / s, "new_tokens_per_s": new / s}
 
 
-def bench_steps(model, targets: list, batch: int, steps: int, warmup: int = 3) -> tuple[dict, la.LookaheadModule]:
-    device = next(model.parameters()).device
-    model.requires_grad_(False)
-    mod = la.create(model, 32, 8, 32)
-    params = mod.parameters(model)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-3, **({"fused": True} if device.type == "cuda" else {}))
+def _length_groups(targets: list, batch: int) -> list[list]:
+    """Training batches of neighbours in length (as the trainer's own batches are), whole ones only."""
     order = sorted(range(len(targets)), key=lambda i: len(targets[i].ids))
-    groups = [order[k:k + batch] for k in range(0, len(order) - batch + 1, batch)]
+    groups = [[targets[i] for i in order[k:k + batch]] for k in range(0, len(order) - batch + 1, batch)]
     if not groups:
         raise LookaheadKVError(f"need at least {batch} answered prompts to time training steps")
+    return groups
 
-    def step(g):
-        loss, _ = batch_loss(model, mod, [targets[i] for i in g], grad=True)
+
+def _training_step(model, mod: la.LookaheadModule):
+    """One step as the trainer takes it, on a list of targets: batch_loss, backward, clip, AdamW (fused on CUDA)."""
+    params = mod.parameters(model)
+    fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
+    opt = torch.optim.AdamW(params, lr=1e-3, **fused)
+
+    def step(targets: list) -> None:
+        loss, _ = batch_loss(model, mod, targets, grad=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+    return step
 
+
+def bench_steps(model, targets: list, batch: int, steps: int, warmup: int = 3) -> tuple[dict, la.LookaheadModule]:
+    device = next(model.parameters()).device
+    model.requires_grad_(False)
+    mod = la.create(model, 32, 8, 32)
+    for p in mod.parameters(model):
+        p.requires_grad_(True)
+    groups = _length_groups(targets, batch)
+    step = _training_step(model, mod)
     for k in range(warmup):
         step(groups[k % len(groups)])
     if device.type == "cuda":
@@ -156,7 +168,7 @@ def bench_steps(model, targets: list, batch: int, steps: int, warmup: int = 3) -
     for k in range(steps):
         g = groups[k % len(groups)]
         step(g)
-        tokens += sum(len(targets[i].ids) for i in g)
+        tokens += sum(len(t.ids) for t in g)
     s = clock.lap()
     out = {"batch": batch, "steps": steps, "seconds": s, "steps_per_s": steps / s, "prompts_per_s": steps * batch / s,
            "prompt_tokens_mean": tokens / (steps * batch)}
@@ -214,17 +226,9 @@ def profile_tables(model, mod: la.LookaheadModule, targets: list, ids: list[torc
             torch.cuda.synchronize(device)
     out["collect"] = (f"# collect_batch: {len(part)} prompts (mean {sum(map(len, part)) / len(part):.0f} tokens), "
                       f"cap {cap}\n\n" + prof.key_averages().table(sort_by=key, row_limit=rows))
-    opt = torch.optim.AdamW(mod.parameters(model), lr=1e-3)  # the module bench_steps trained
-    order = sorted(range(len(targets)), key=lambda i: len(targets[i].ids))
-    groups = [[targets[i] for i in order[k:k + batch]] for k in range(0, len(order) - batch + 1, batch)]
-
-    def step(g):
-        loss, _ = batch_loss(model, mod, g, grad=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step(groups[0])
+    groups = _length_groups(targets, batch)
+    step = _training_step(model, mod)  # on the module bench_steps trained
+    step(groups[0])  # warm-up: AdamW makes its state
     with profile(activities=activities) as prof:
         for k in range(steps):
             step(groups[k % len(groups)])
