@@ -10,31 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_count import Count
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lookaheadkv import lookahead as la
 from lookaheadkv.attention import install
 from lookaheadkv.errors import LookaheadKVError
 from lookaheadkv.prefill import ExtraRows, prefill
-
-VIEWS = {"aten.view", "aten.slice", "aten.expand", "aten.t", "aten._unsafe_view", "aten.permute", "aten.transpose",
-         "aten.split_with_sizes", "aten.split", "aten.alias", "aten.select", "aten.unsqueeze", "aten.squeeze",
-         "aten.as_strided", "aten.detach"}  # no kernel: metadata only
-
-
-class Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def per_projection_hook(first: int):
@@ -73,7 +58,7 @@ def count(model, mod, ids, form: str) -> tuple[int, int, torch.Tensor]:
     with Count() as c:
         pf = prefill(model, ids, extra=extra)
     assert pf.length == length
-    kernels = sum(v for k, v in c.ops.items() if k not in VIEWS)
+    kernels = sum(c.kernels().values())
     return sum(c.ops.values()), kernels, torch.stack(pf.extra.mean())
 
 

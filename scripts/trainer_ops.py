@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_count import Count
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lookaheadkv import lookahead as la
@@ -24,23 +24,6 @@ from lookaheadkv import train as tr
 from lookaheadkv.attention import install
 from lookaheadkv.collect import collect_batch
 from lookaheadkv.prefill import prefill
-
-VIEWS = {"aten.view", "aten.slice", "aten.expand", "aten.t", "aten._unsafe_view", "aten.permute", "aten.transpose",
-         "aten.split_with_sizes", "aten.split", "aten.alias", "aten.select", "aten.unsqueeze", "aten.squeeze",
-         "aten.as_strided", "aten.detach"}  # no kernel: metadata only
-
-
-class Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-    def kernels(self) -> Counter:
-        return Counter({k: v for k, v in self.ops.items() if k not in VIEWS})
 
 
 def counted(fn) -> Counter:
