@@ -162,11 +162,11 @@ st_sweep() {
   wait
   ls "$R"/sweep_lr*.train_log.json > /dev/null 2>&1
 }
-best_lr() {  # the sweep's best by validation recall@64, else LR
-  python3 - "$R" "$LR" <<'EOF'
+best_lr() {  # best_lr [PREFIX]: the lr of the PREFIX_lr* runs (default: the sweep's) best by validation
+  python3 - "$R" "$LR" "${1:-sweep}" <<'EOF'   # recall@64, else LR
 import json, pathlib, sys
 runs = {p.name.split("_lr")[1].removesuffix(".train_log.json"): json.loads(p.read_text())["training"]
-        for p in pathlib.Path(sys.argv[1]).glob("sweep_lr*.train_log.json")}
+        for p in pathlib.Path(sys.argv[1]).glob(f"{sys.argv[3]}_lr*.train_log.json")}
 print(max(runs, key=lambda lr: runs[lr]["validation"]["final"]["recall@64"]) if runs else sys.argv[2])
 EOF
 }
@@ -190,18 +190,11 @@ st_main() {
     run "abl_$name" --samples "$N_ABL" --targets "$store" --epochs 1 --batch-size "$BS" --lr "$best" $cap $args &
   done
   wait
-  python3 - "$R" "$W" <<'EOF'
-import json, pathlib, shutil, sys
-r, w = map(pathlib.Path, sys.argv[1:])
-runs = {p.name.removesuffix(".train_log.json"): json.loads(p.read_text())["training"]["validation"]["final"]
-        for p in r.glob("main_lr*.train_log.json")}
-if runs:
-    best = max(runs, key=lambda k: runs[k]["recall@64"])
-    print("main runs (validation recall@64):", {k: round(v["recall@64"], 4) for k, v in runs.items()}, "->", best)
-    shutil.rmtree(w / "main", ignore_errors=True)
-    shutil.copytree(w / best, w / "main")
-    (r / "main_best.txt").write_text(best + "\n")
-EOF
+  local won
+  won=$(best_lr main)
+  if [ -d "$W/main_lr$won" ]; then
+    rm -rf "$W/main" && cp -r "$W/main_lr$won" "$W/main" && echo "main: lr $won" | tee "$R/main_best.txt"
+  fi
   [ -f "$W/main/lookahead.json" ] || [ -f "$W/main/checkpoint/lookahead.json" ]
 }
 st_bf16() {  # the module in bf16, as shipped; a time-stopped run's checkpoint, its log saying so
