@@ -72,6 +72,13 @@ class Drafted(Method, abc.ABC):
     def _reuse_key(self) -> object:
         return None
 
+    def _recording(self, pf: Prefill, rows: int) -> Recording:
+        """The prefill's recording of its last `rows` rows, which this method reads."""
+        if rows not in pf.recordings:
+            raise LookaheadKVError(f"{self.name} reads the prefill's recording of the last {rows} rows, which this "
+                                   "prefill lacks: prefill with record_rows=method.recorded()")
+        return pf.recordings[rows]
+
     def glimpse(self, model, pf: Prefill) -> list[torch.Tensor]:
         last, key = self._last, self._reuse_key()
         if self.reuse_draft and last is not None and last[0] is pf.input_ids and last[1] is pf.next_logits \
@@ -79,10 +86,7 @@ class Drafted(Method, abc.ABC):
             return last[3]
         rec = None
         if self.window > 0:
-            if self.window not in pf.recordings:
-                raise LookaheadKVError(f"{self.name} reads the prefill's recording of the last {self.window} rows, "
-                                       "which this prefill lacks: prefill with record_rows=method.recorded()")
-            rec = pf.recordings[self.window].copy()  # copied, so the prefill's own recording serves other methods
+            rec = self._recording(pf, self.window).copy()  # copied: the prefill's own serves other methods too
         rows = self.draft_rows(model, pf) if self.k > 0 else None
         if rows is not None:
             rec = rows if rec is None else rec.merge(rows)
@@ -163,9 +167,7 @@ class LAQ(Drafted):
             raise LookaheadKVError(f"laq drafts on a SnapKV copy at {budget} entries, below the {snap.floor()} "
                                    f"SnapKV keeps (draft_window {self.draft_window} + sinks {self.sinks}); raise the "
                                    "budget (or draft_budget) or lower draft_window")
-        if self.draft_window not in pf.recordings:
-            raise LookaheadKVError(f"laq's SnapKV copy reads the prefill's recording of the last {self.draft_window} "
-                                   "rows, which this prefill lacks: prefill with record_rows=method.recorded()")
+        self._recording(pf, self.draft_window)  # the SnapKV copy's scores read it
         with timed("draft_compress"):
             copy = pf.clone()
             key_valid = evict(model, copy, snap, budget).key_valid

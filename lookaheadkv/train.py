@@ -413,6 +413,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     if log["validation"][-1]["step"] != step:
         log["validation"].append(validate())
     lens = [len(prompt_ids[i]) for i in train_idx]
+    cost = store.collection_cost()  # the store's log: every run that collected its targets
     info = {
         "data": {"split": "train (lookaheadkv.data.split_of); validation by content hash", "prompts": len(prompt_ids),
                  "train": len(train_idx), "validation": len(val_idx),
@@ -437,8 +438,8 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         "hardware": hardware(device), "processes": distributed.world(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         # What the module cost, whoever collected its targets (the store's log) and however often it resumed
-        "cost": {"hardware": hardware(device), "targets_s": store.collection_cost()["seconds"],
-                 "targets": store.collection_cost(), "training_s": round(log["train_seconds"], 3),
+        "cost": {"hardware": hardware(device), "targets_s": cost["seconds"],
+                 "targets": cost, "training_s": round(log["train_seconds"], 3),
                  "prompts_with_targets": len(answered), "prompts_trained": len(train_idx), "steps": step},
     }
     info["cost"]["total_s"] = round(info["cost"]["targets_s"] + info["cost"]["training_s"], 3)
