@@ -207,6 +207,7 @@ class TrainConfig:
     collect_batch_tokens: int | None = None  # None: sized from the device's free memory
     collect_time_limit: float | None = None  # seconds
     time_limit: float | None = None  # seconds for the training loop
+    fit_time_limit: bool = False  # shorten the schedule to the steps that fit time_limit, so its decay completes
     warmup: float = 0.05
     final_lr: float = 0.1  # cosine decay to this share of lr
 
@@ -259,7 +260,8 @@ def _prefetch(store: TargetStore, keys: list[str], batches: Iterator[list[int]])
 
 def _signature(cfg: TrainConfig, keys: list[str]) -> dict:
     fixed = {k: v for k, v in asdict(cfg).items() if k not in ("collect_batch_tokens", "collect_time_limit",
-                                                                 "time_limit", "checkpoint_every", "evals")}
+                                                                 "time_limit", "fit_time_limit", "checkpoint_every",
+                                                                 "evals")}
     digest = hashlib.sha256("".join(keys).encode()).hexdigest()
     return {**fixed, "families": list(cfg.families), "prompts_sha256": digest}
 
@@ -325,18 +327,24 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
     lengths = [len(prompt_ids[i]) for i in train_idx]
     per_epoch = [_epoch_batches(lengths, cfg.batch_size, cfg.seed + e) for e in range(cfg.epochs)]
-    total = sum(len(b) for b in per_epoch)
-    warmup = max(1, round(total * cfg.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        cfg.final_lr + (1 - cfg.final_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
-    log: dict = {"steps": [], "validation": []}
+    planned = sum(len(b) for b in per_epoch)
+    log: dict = {"steps": [], "validation": [], "horizon": planned}
     step = 0
+    if state is not None:
+        step, log = state["step"], state["log"]
+    # The schedule's length: the planned steps, or (fit_time_limit) those that fit the time limit, fixed once
+    # after FIT_STEPS timed steps and kept in the checkpoint, so a resumed run decays on the same schedule
+    total = log.setdefault("horizon", planned)
+    warmup = lambda: max(1, round(log["horizon"] * cfg.warmup))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup()) * (
+        cfg.final_lr + (1 - cfg.final_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / log["horizon"])))))
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, log = state["step"], state["log"]
     prior_s = log.get("train_seconds", 0.0)  # the training loop's time in earlier processes of this run (resumes)
-    eval_at = {round(total * (k + 1) / cfg.evals) for k in range(cfg.evals)} if cfg.evals else set()
+    fit = cfg.fit_time_limit and cfg.time_limit is not None and "fitted" not in log
+    evals_at = lambda n: {round(n * (k + 1) / cfg.evals) for k in range(cfg.evals)} if cfg.evals else set()  # noqa: E731
+    eval_at = evals_at(total)
 
     def validate() -> dict:
         """Validation loss and recall; under torchrun each rank scores its share and the sums are gathered."""
@@ -356,23 +364,37 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         return {"step": step, "loss": sum(losses) / len(val_idx),
                 **{f"recall@{b}": sum(v) / len(v) for b, v in recalls.items()}}
 
+    t0 = time.perf_counter()
     if step == 0 and not log["validation"]:
         log["validation"].append(validate())
+    val_s = time.perf_counter() - t0  # one validation's time, reserved for each one still to come when fitting
     t1 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     progress = progress and distributed.is_main()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress)
     pending: list[torch.Tensor] = []
-    stopped, steps_here, prompts_here = False, 0, 0
+    stopped, steps_here, prompts_here, t_fit = False, 0, 0, t1
     flat = [g for batches in per_epoch for g in batches]
     step_loss = _step_loss(model, mod, device)
     # each rank's part of every global batch (global batches do not depend on the number of processes)
     local = [_rank_part(g) for g in flat]
     for targets in _prefetch(store, keys, iter([[train_idx[j] for j in g] for g, _ in local[step:]])):
+        if step >= total:  # a schedule fitted to the time limit is complete
+            break
         if cfg.time_limit is not None and distributed.any_rank(time.perf_counter() - t1 > cfg.time_limit):
             stopped = True
             break
+        if fit and steps_here == FIT_STEPS:
+            now = time.perf_counter()
+            left = cfg.time_limit - (now - t1) - val_s * len({e for e in eval_at if e > step})
+            total = log["horizon"] = _fitted_horizon(step, total, left, (now - t_fit) / (FIT_STEPS - FIT_STEPS // 4))
+            log["fitted"] = {"planned": planned, "steps": total, "after": step}
+            eval_at = evals_at(total)
+            bar.total = total
+            fit = False
+        if steps_here == FIT_STEPS // 4:
+            t_fit = time.perf_counter()  # the fit times steps after the first few (warm-up, allocator)
         share = local[step][1]
         loss = step_loss(targets)
         opt.zero_grad(set_to_none=True)
@@ -423,7 +445,8 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
                                    "over_4k": sum(x > 4096 for x in lens)},
                  "response_tokens_cap": cfg.response_tokens, "seed": cfg.seed},
         "config": {**asdict(cfg), "families": list(cfg.families)},
-        "optimisation": {"steps": step, "planned_steps": total, "stopped_by_time_limit": stopped,
+        "optimisation": {"steps": step, "planned_steps": planned, "schedule_steps": total,
+                         "stopped_by_time_limit": stopped,
                          "optimizer": "AdamW", "schedule": f"linear warmup {cfg.warmup:.0%}, cosine to "
                          f"{cfg.final_lr:.0%} of lr", "grad_clip": 1.0},
         "module": {"n": cfg.n, "rank": cfg.rank, "alpha": cfg.alpha, "targets": list(mod.targets) if cfg.rank else []},
@@ -453,6 +476,15 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         (out / "train_log.json").write_text(json.dumps({"training": info, **log}, indent=1) + "\n")
     distributed.barrier()  # every rank returns once the module is on disk
     return info
+
+
+FIT_STEPS = 20
+
+
+def _fitted_horizon(step: int, total: int, left_s: float, step_s: float) -> int:
+    """The schedule's steps when `left_s` seconds remain at `step_s` a step (a 5% margin); never fewer than done,
+    nor more than planned."""
+    return max(step, min(total, step + int(0.95 * left_s / step_s)))
 
 
 def _rank_part(group: list[int]) -> tuple[list[int], float]:
@@ -535,17 +567,20 @@ def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signat
 @click.option("--resume/--no-resume", default=True, show_default=True, help="continue from OUT/checkpoint")
 @click.option("--collect-time-limit", type=float, help="seconds for target collection (fewer prompts if exceeded)")
 @click.option("--time-limit", type=float, help="seconds for the training loop (a checkpoint to go on from)")
+@click.option("--fit-time-limit", is_flag=True,
+              help="shorten the schedule to the steps that fit --time-limit (timed over the first steps), so the "
+                   "learning rate's decay completes and a module is written")
 @click.option("--device", default="cpu", show_default=True)
 def train_command(model_name, out, prompts_file, samples, min_tokens, max_tokens, families, response_tokens, epochs,
                   batch_size, lr, n_tokens, rank, alpha, seed, targets_dir, collect_batch_tokens, checkpoint_every,
-                  evals, resume, collect_time_limit, time_limit, device):
+                  evals, resume, collect_time_limit, time_limit, fit_time_limit, device):
     """Train a lookahead module (embeddings + LoRA) for a model and write it to OUT."""
     from .models import load_model
 
     cfg = TrainConfig(samples, min_tokens, max_tokens, tuple(f for f in families.split(",") if f), response_tokens,
                       epochs, batch_size, lr, n_tokens, rank, alpha, seed, checkpoint_every=checkpoint_every,
                       evals=evals, collect_batch_tokens=collect_batch_tokens, collect_time_limit=collect_time_limit,
-                      time_limit=time_limit)
+                      time_limit=time_limit, fit_time_limit=fit_time_limit)
     cfg.check()
     device = distributed.device_for(device)
     ids = fams = None

@@ -1,6 +1,7 @@
 """The lookahead trainer on tiny random-weight models: fast target collection against a per-sequence reference,
 the content-hash store, loss, one step, a whole run, resume, and the refusals."""
 
+import json
 import types
 
 import pytest
@@ -215,6 +216,43 @@ def test_a_time_limit_leaves_a_checkpoint_and_the_rerun_finishes_the_same(tmp_pa
     assert not (tmp_path / "b" / "lookahead.json").exists()  # no module is written from a stopped run
     resumed = tiny_model()
     run(resumed, tmp_path / "b")
+    assert torch.equal(resumed._lookahead_module.embeddings, whole._lookahead_module.embeddings)
+
+
+def test_the_fitted_horizon_is_what_the_time_left_holds():
+    assert tr._fitted_horizon(step=20, total=1000, left_s=100.0, step_s=0.5) == 20 + 190  # 5% margin
+    assert tr._fitted_horizon(step=20, total=100, left_s=100.0, step_s=0.5) == 100  # never past the plan
+    assert tr._fitted_horizon(step=20, total=1000, left_s=-5.0, step_s=0.5) == 20  # nothing left: stop here
+
+
+def test_a_schedule_fitted_to_the_time_limit_decays_fully_and_resumes_on_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tr, "FIT_STEPS", 4)
+    monkeypatch.setattr(tr, "_fitted_horizon", lambda step, total, left_s, step_s: step + 2)
+    cfg = config(time_limit=1e6, fit_time_limit=True, checkpoint_every=5)
+    whole = tiny_model()
+    info = run(whole, tmp_path / "a", cfg)
+    assert info["optimisation"]["planned_steps"] == 10 and info["optimisation"]["schedule_steps"] == 6
+    assert not info["optimisation"]["stopped_by_time_limit"] and (tmp_path / "a" / "lookahead.json").exists()
+    log = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert log["steps"][-1]["step"] == 6 and log["steps"][-1]["lr"] == pytest.approx(cfg.lr * cfg.final_lr)
+    assert log["fitted"] == {"planned": 10, "steps": 6, "after": 4}
+    # interrupted after the fit (checkpoint at step 5), the rerun ends on the same schedule and module
+    real, calls = tr.batch_loss, {"n": 0}
+
+    def interrupted(model, mod, targets, grad, budgets=()):
+        if grad:
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise KeyboardInterrupt
+        return real(model, mod, targets, grad, budgets)
+
+    monkeypatch.setattr(tr, "batch_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model(), tmp_path / "b", cfg)
+    monkeypatch.setattr(tr, "batch_loss", real)
+    monkeypatch.setattr(tr, "_fitted_horizon", lambda *a: pytest.fail("a resumed run keeps its fitted schedule"))
+    resumed = tiny_model()
+    assert run(resumed, tmp_path / "b", cfg)["optimisation"]["schedule_steps"] == 6
     assert torch.equal(resumed._lookahead_module.embeddings, whole._lookahead_module.embeddings)
 
 

@@ -12,8 +12,9 @@
 #            trains on them
 #   sweep    learning rate on the N_ABL subset (LRS, one epoch each, in parallel); the best by validation
 #            recall@64 is main's LR (else LR)
-#   main     the module on every prompt with a target (EPOCHS, BS, within MAIN_LIMIT), ABLATIONS beside it on
-#            the subset. A run its time limit stops gives its last checkpoint (lookahead.json says so)
+#   main     the module on every prompt with a target (EPOCHS, BS, within MAIN_LIMIT: the schedule is fitted to
+#            the time, so its decay completes), ABLATIONS beside it on the subset. A run its time limit still
+#            stops (slower than its first steps) gives its last checkpoint (lookahead.json says so)
 #   bf16     the module as shipped: bf16, its training cost (time, hardware, prompts) in lookahead.json
 #   recall   importance recall and F1 on 200 held-out TEST-split prompts, module in fp32 and bf16
 #   eval     `lookahead` with the new module on EVAL_PLAN's rounds (scripts/gpu/eval_rounds.py)
@@ -179,7 +180,7 @@ st_main() {
   local lr
   for lr in ${MAIN_LRS:-$best}; do
     run "main_lr$lr" --samples "$N_MAIN" --targets "$T/t$CAP" --response-tokens "$CAP" --epochs "$EPOCHS" \
-      --batch-size "$BS" --lr "$lr" --time-limit "$(left "$MAIN_LIMIT")" &
+      --batch-size "$BS" --lr "$lr" --time-limit "$(left "$MAIN_LIMIT")" --fit-time-limit &
   done
   local a name args store cap abl=()
   IFS='|' read -ra abl <<< "$ABLATIONS"
