@@ -388,7 +388,9 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         if fit and steps_here == FIT_STEPS:
             now = time.perf_counter()
             left = cfg.time_limit - (now - t1) - val_s * len({e for e in eval_at if e > step})
-            total = log["horizon"] = _fitted_horizon(step, total, left, (now - t_fit) / (FIT_STEPS - FIT_STEPS // 4))
+            # the slowest rank's fit, so that every process stops at the same step (DDP needs each step on all)
+            total = log["horizon"] = min(distributed.gather(
+                _fitted_horizon(step, total, left, (now - t_fit) / (FIT_STEPS - FIT_STEPS // 4))))
             log["fitted"] = {"planned": planned, "steps": total, "after": step}
             eval_at = evals_at(total)
             bar.total = total

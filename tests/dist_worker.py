@@ -1,11 +1,13 @@
 """What each process of the torchrun tests runs (tests/test_distributed.py): training on the tiny float64 model,
 through the library (the CLI loads models in float32, too coarse to compare runs step for step).
 
-    torchrun --standalone --nproc-per-node 2 tests/dist_worker.py OUT [--targets DIR] [--kill-at-step K]
+    torchrun --standalone --nproc-per-node 2 tests/dist_worker.py OUT [--targets DIR] [--kill-at-step K] [--fit]
 
 --targets DIR: the target store (default OUT/targets).
 --kill-at-step K: rank 0 kills itself (SIGKILL) as its K-th training step begins (torchrun then stops the
 other ranks), once checkpoints of earlier steps are on disk.
+--fit: the schedule fitted to a time limit after 2 steps, each rank's own fit longer by its rank (as if it ran
+slower or faster), so the ranks must agree on one horizon.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ def config(**kw) -> tr.TrainConfig:
     return tr.TrainConfig(**args)
 
 
-def run(out: str, targets: str | None = None, kill_at: int | None = None) -> dict:
+def run(out: str, targets: str | None = None, kill_at: int | None = None, fit: bool = False) -> dict:
+    if fit:
+        tr.FIT_STEPS = 2
+        tr._fitted_horizon = lambda step, total, left_s, step_s: step + 2 + int(os.environ.get("RANK", "0"))
     if kill_at is not None:
         real, calls = tr.batch_loss, {"n": 0}
 
@@ -49,7 +54,8 @@ def run(out: str, targets: str | None = None, kill_at: int | None = None) -> dic
             return real(model, mod, targets, grad, budgets)
 
         tr.batch_loss = killing
-    return tr.train(tiny_model(), TOK, out, config(), prompt_ids=prompts(), targets_dir=targets, progress=False)
+    cfg = config(time_limit=1e6, fit_time_limit=True) if fit else config()
+    return tr.train(tiny_model(), TOK, out, cfg, prompt_ids=prompts(), targets_dir=targets, progress=False)
 
 
 if __name__ == "__main__":
@@ -58,4 +64,4 @@ if __name__ == "__main__":
         return args[args.index(name) + 1] if name in args else None
 
     kill = option("--kill-at-step")
-    run(args[0], option("--targets"), None if kill is None else int(kill))
+    run(args[0], option("--targets"), None if kill is None else int(kill), "--fit" in args)

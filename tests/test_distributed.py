@@ -146,6 +146,15 @@ def test_a_two_rank_run_killed_mid_way_resumes_with_two_or_one_processes(runs, t
     assert_close(tmp_path / "cut1", runs / "one", atol=1e-6)
 
 
+@pytest.mark.slow  # a launch of its own (~15 s of 2 cores)
+def test_ranks_that_fit_the_time_limit_differently_train_one_schedule(tmp_path):
+    res = torchrun(str(TESTS / "dist_worker.py"), str(tmp_path / "fit"), "--fit", timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = json.loads((tmp_path / "fit" / "train_log.json").read_text())
+    assert log["fitted"] == {"planned": 9, "steps": 4, "after": 2}  # the shorter of the ranks' fits
+    assert log["training"]["optimisation"]["steps"] == 4 and (tmp_path / "fit" / "lookahead.json").exists()
+
+
 @pytest.mark.slow  # a launch of its own (~15 s of 2 cores); the library path is tested above
 def test_torchrun_train_from_the_command_line(tmp_path):
     from dist_worker import prompts
