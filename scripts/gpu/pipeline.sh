@@ -230,8 +230,9 @@ rounds() {  # rounds NAME METHODS LIMIT: EVAL_PLAN for METHODS into $R/NAME/, ro
     # less the rows of the methods a new module changes (eval: the module just trained), which a row's key,
     # naming the method and not its module, would otherwise count as done
     [ -f "$R/$name/$file.jsonl" ] || [ ! -f "$CODE/results/eval/$file.jsonl.gz" ] \
-      || gunzip -c "$CODE/results/eval/$file.jsonl.gz" | python3 -c 'import json, sys
-drop = set(sys.argv[1].split(",")) - {""}
+      || gunzip -c "$CODE/results/eval/$file.jsonl.gz" | PYTHONPATH="$CODE/scripts/gpu" python3 -c 'import json, sys
+from eval_rounds import label
+drop = {label(m) for m in sys.argv[1].split(",") if m}
 sys.stdout.writelines(x for x in sys.stdin if json.loads(x)["method"] not in drop)' "${FRESH:-}" > "$R/$name/$file.jsonl"
   done
   logrun "$R/$name.log" timeout $(( limit + 120 )) python3 "$CODE/scripts/gpu/eval_rounds.py" --model "$MODEL" \
@@ -241,10 +242,7 @@ sys.stdout.writelines(x for x in sys.stdin if json.loads(x)["method"] not in dro
   gzip -f "$R/$name"/*.jsonl 2>/dev/null
   return $rc
 }
-st_eval() {  # the methods' labels as eval_rounds.py writes them (no module= path)
-  FRESH=$(tr ',' '\n' <<< "$EVAL_METHODS" | awk -F: '{ l = ""; for (i = 1; i <= NF; i++) if ($i !~ /^module=/)
-    l = l (l == "" ? "" : ":") $i; print l }' | paste -sd,) rounds eval "$EVAL_METHODS" "$EVAL_LIMIT"
-}
+st_eval() { FRESH=$EVAL_METHODS rounds eval "$EVAL_METHODS" "$EVAL_LIMIT"; }  # the module just trained: its rows anew
 st_compare() {
   [[ $COMPARE_METHODS == *"draft_model=$DRAFT"* ]] && { wait_model "$DRAFT" || return 1; }
   rounds compare "$COMPARE_METHODS" "$COMPARE_LIMIT"
