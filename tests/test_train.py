@@ -183,19 +183,25 @@ def test_train_writes_a_loadable_module_and_a_log(tmp_path):
     assert got.meta["training"]["data"]["prompts"] == 10
 
 
-def test_resume_after_an_interruption_gives_the_same_module(tmp_path, monkeypatch):
-    whole = tiny_model()
-    run(whole, tmp_path / "a")
+def interrupt_at(monkeypatch, k):
+    """tr.batch_loss raising KeyboardInterrupt at the k-th training step; returns the real one."""
     real, calls = tr.batch_loss, {"n": 0}
 
     def interrupted(model, mod, targets, grad, budgets=()):
         if grad:
             calls["n"] += 1
-            if calls["n"] == 4:
+            if calls["n"] == k:
                 raise KeyboardInterrupt
         return real(model, mod, targets, grad, budgets)
 
     monkeypatch.setattr(tr, "batch_loss", interrupted)
+    return real
+
+
+def test_resume_after_an_interruption_gives_the_same_module(tmp_path, monkeypatch):
+    whole = tiny_model()
+    run(whole, tmp_path / "a")
+    real = interrupt_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_model(), tmp_path / "b")
     assert (tmp_path / "b" / "checkpoint" / "state.pt").exists()
@@ -237,16 +243,7 @@ def test_a_schedule_fitted_to_the_time_limit_decays_fully_and_resumes_on_it(tmp_
     assert log["steps"][-1]["step"] == 6 and log["steps"][-1]["lr"] == pytest.approx(cfg.lr * cfg.final_lr)
     assert log["fitted"] == {"planned": 10, "steps": 6, "after": 4}
     # interrupted after the fit (checkpoint at step 5), the rerun ends on the same schedule and module
-    real, calls = tr.batch_loss, {"n": 0}
-
-    def interrupted(model, mod, targets, grad, budgets=()):
-        if grad:
-            calls["n"] += 1
-            if calls["n"] == 6:
-                raise KeyboardInterrupt
-        return real(model, mod, targets, grad, budgets)
-
-    monkeypatch.setattr(tr, "batch_loss", interrupted)
+    real = interrupt_at(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_model(), tmp_path / "b", cfg)
     monkeypatch.setattr(tr, "batch_loss", real)
