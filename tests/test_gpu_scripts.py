@@ -120,11 +120,14 @@ def test_what_comes_back_is_unpacked_into_the_repository(tmp_path):
     (back / "module-m.tar.part01").write_bytes(data[4000:])
     root = tmp_path / "repo"
     (root / "results" / "eval").mkdir(parents=True)
+    earlier = [row("tova", "s0"), row("snapkv", "s0"), row("lookahead", "s0") | {"old": 1}, row("lookahead", "s1")]
     with gzip.open(root / "results" / "eval" / "q_4k.jsonl.gz", "wt") as f:  # an earlier lease's rows
-        f.write(json.dumps(row("tova", "s0")) + "\n" + json.dumps(row("snapkv", "s0")) + "\n")
+        f.write("".join(json.dumps(r) + "\n" for r in earlier))
     unpack.unpack(back, root)
     got = [json.loads(x) for x in gzip.open(root / "results" / "eval" / "q_4k.jsonl.gz", "rt")]
-    assert [r["method"] for r in got] == ["tova", "snapkv", "full", "lookahead"]  # each row key once
+    # each row key once; the eval lane's module rows replace the old module's, whose rows it lacks go
+    assert [(r["method"], r["sample"], "old" in r) for r in got] == [
+        ("tova", "s0", False), ("snapkv", "s0", False), ("full", "s0", False), ("lookahead", "s0", False)]
     assert (root / "results" / "bench" / "m_h200" / "bench.json").exists()
     assert (root / "results" / "train" / "m_h200" / "main.train_log.json").exists()
     assert (root / "lookaheadkv" / "modules" / "m" / "adapter_model.safetensors").read_bytes() == b"x" * 3000

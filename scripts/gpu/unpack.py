@@ -3,8 +3,11 @@
     python scripts/gpu/unpack.py FILES_AT [--root .]
 
 - NAME.partNN files are joined first;
-- rows.tgz: every evaluation file (the compare and eval lanes) is merged into results/eval/NAME.jsonl.gz, union by
-  row key (rows already there first), so leases add to one data set (the next lease resumes from the tree);
+- rows.tgz: every evaluation file is merged into results/eval/NAME.jsonl.gz, so leases add to one data set (the
+  next lease resumes from the tree). The eval lane's files first: that lane ran the methods of the module it just
+  trained anew and carries every other row it started from, so its rows replace those of the same key and a method
+  it carries loses the rows it does not (the old module's, which a row key naming no module cannot tell apart).
+  Then the compare lane's: union by row key, rows already there first;
 - results.tgz: each model's logs, train logs, recall and trainer benchmark into results/train/MODEL_h200/, its
   cost benchmark (`cost/`) into results/bench/MODEL_h200/ (`python -m lookaheadkv.bench.report` writes the tables);
 - module-MODEL.tar: the bf16 module into lookaheadkv/modules/MODEL/, where it is found by the model's identity.
@@ -45,9 +48,13 @@ def read_jsonl(data: bytes, gz: bool) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def merge_rows(dest: Path, new: list[dict]) -> int:
-    """Union of dest's rows and `new` by row key, written gzipped; returns the rows added."""
+def merge_rows(dest: Path, new: list[dict], fresh: bool = False) -> int:
+    """Union of dest's rows and `new` by row key, written gzipped; returns the rows added. `fresh` (the eval
+    lane's rows): `new` replaces dest's rows of its methods instead."""
     old = read_jsonl(dest.read_bytes(), True) if dest.exists() else []
+    if fresh:
+        methods = {r.get("method") for r in new}
+        old = [r for r in old if r.get("method") not in methods]
     seen = {tuple(r.get(k) for k in ROW_KEY) for r in old}
     added = []
     for r in new:
@@ -70,13 +77,14 @@ def unpack(files_at: Path, root: Path) -> list[str]:
         for f in join_parts(files_at, Path(tmp)):
             if f.name == "rows.tgz":
                 with tarfile.open(f) as tar:
-                    for m in tar.getmembers():
+                    files = [m for m in tar.getmembers() if m.isfile() and m.name.endswith((".jsonl", ".jsonl.gz"))]
+                    for m in sorted(files, key=lambda m: Path(m.name).parent.name != "eval"):  # eval lane first
                         name = Path(m.name).name
-                        if m.isfile() and name.endswith((".jsonl", ".jsonl.gz")):
-                            rows = read_jsonl(tar.extractfile(m).read(), name.endswith(".gz"))
-                            dest = root / "results" / "eval" / (name.removesuffix(".gz").removesuffix(".jsonl")
-                                                                + ".jsonl.gz")
-                            done.append(f"{dest}: {merge_rows(dest, rows)} rows added from {m.name}")
+                        rows = read_jsonl(tar.extractfile(m).read(), name.endswith(".gz"))
+                        stem = name.removesuffix(".gz").removesuffix(".jsonl")
+                        dest = root / "results" / "eval" / f"{stem}.jsonl.gz"
+                        added = merge_rows(dest, rows, fresh=Path(m.name).parent.name == "eval")
+                        done.append(f"{dest}: {added} rows added from {m.name}")
             elif f.name == "results.tgz":
                 with tarfile.open(f) as tar:
                     for m in tar.getmembers():
