@@ -42,6 +42,7 @@
 #            ~10-20 min, the whole plan (62K rows) ~40-70 min: several leases (rows resume from the files)
 #   cost     contexts 4K/8K/16K x 5 methods x 3 repeats: ~2 min
 # Knobs: STAGES, P, N_MAIN, N_ABL, EPOCHS, BS, LR, LRS, MAIN_LRS, ABLATIONS, CAP, CAP2, TARGETS_LIMIT, MAIN_LIMIT, EVALS,
+# TARGET_TOKENS (a collection batch's buffer tokens; default: half the free memory, which lanes side by side share),
 # SAMPLES (a glob in $LKV_DIR), EVAL_PLAN, EVAL_BUDGETS, EVAL_METHODS, EVAL_BATCH, EVAL_LIMIT, COMPARE_METHODS,
 # COMPARE_LIMIT, COST_CONTEXTS, COST_METHODS, COST_BUDGET, COST_REPEATS, COST_LIMIT, DTYPE; DRY=1 prints them and
 # stops. A rehearsal on the CPU at toy sizes: scripts/gpu/rehearse_pipeline.sh (DEVICE=cpu, a temporary LKV_DIR).
@@ -149,7 +150,8 @@ st_bench() {
 st_targets() {
   local tl=${TARGETS_LIMIT:-100000}
   logrun "$R/targets$CAP.log" lkv targets --model "$MODEL" --device "$DEVICE" --prompts "$P" --samples "$N_MAIN" \
-    --targets "$T/t$CAP" --response-tokens "$CAP" --time-limit "$(left "$tl")" || return 1
+    --targets "$T/t$CAP" --response-tokens "$CAP" --time-limit "$(left "$tl")" \
+    ${TARGET_TOKENS:+--batch-tokens "$TARGET_TOKENS"} || return 1
   if has_cap_ablation; then
     logrun "$R/targets$CAP2.log" lkv targets --model "$MODEL" --device "$DEVICE" --prompts "$P" --samples "$N_ABL" \
       --targets "$T/t$CAP2" --response-tokens "$CAP2" --time-limit "$(left "$tl")"
@@ -164,11 +166,11 @@ st_sweep() {
   ls "$R"/sweep_lr*.train_log.json > /dev/null 2>&1
 }
 best_lr() {  # best_lr [PREFIX]: the lr of the PREFIX_lr* runs (default: the sweep's) best by validation
-  python3 - "$R" "$LR" "${1:-sweep}" <<'EOF'   # recall@64, else LR
+  python3 - "$R" "$LR" "${1:-sweep}" <<'EOF'   # recall@64 (a run too small to validate: any), else LR
 import json, pathlib, sys
 runs = {p.name.split("_lr")[1].removesuffix(".train_log.json"): json.loads(p.read_text())["training"]
         for p in pathlib.Path(sys.argv[1]).glob(f"{sys.argv[3]}_lr*.train_log.json")}
-print(max(runs, key=lambda lr: runs[lr]["validation"]["final"]["recall@64"]) if runs else sys.argv[2])
+print(max(runs, key=lambda lr: runs[lr]["validation"]["final"].get("recall@64", -1)) if runs else sys.argv[2])
 EOF
 }
 st_main() {
