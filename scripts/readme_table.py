@@ -100,14 +100,26 @@ def cost_line(module: Path) -> str:
             f"prompts){stopped}.")
 
 
+def common(rows: Sequence[dict]) -> list[dict]:
+    """The rows of the samples that every method of their task and length has, so that each mean runs over the
+    same samples (leases that ran out of time leave some methods with more)."""
+    have: dict = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        have[(r["task"], r["length"])][r["method"]].add(r["sample"])
+    shared = {k: set.intersection(*per.values()) for k, per in have.items()}
+    return [r for r in rows if r["sample"] in shared[(r["task"], r["length"])]]
+
+
 def render(rows: Sequence[dict], module: Path | None, budgets: Sequence[int] | None) -> str:
+    rows = common(rows)
     if not rows:
         return "not measured yet"
     samples = defaultdict(set)
     for r in rows:
         samples[(r["task"], r["length"])].add(r["sample"])
     n = sorted({len(v) for v in samples.values()})
-    parts = [f"Mean score (x100) of {rows[0]['model']}; {min(n)}-{max(n)} samples per task and length.", "",
+    parts = [f"Mean score (x100) of {rows[0]['model']}; {min(n)}-{max(n)} samples per task and length, the ones "
+             "every method has.", "",
              scores_table(rows, budgets), "", "Paired differences (mean ± 95% CI, x100):", "",
              paired_table(rows, budgets=budgets)]
     if module is not None:

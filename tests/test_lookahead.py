@@ -170,14 +170,19 @@ def test_identity_sees_a_fine_tune_of_any_single_tensor():
     assert la.model_identity(model)["weights_sha256"] == ident
 
 
-def test_the_shipped_module_for_the_default_model_is_complete():
-    d = la.MODULES_DIR / "smollm2-135m-instruct"
+@pytest.mark.parametrize("name,layers,hidden", [("smollm2-135m-instruct", 30, 576),
+                                               ("qwen2.5-coder-1.5b-instruct", 28, 1536),
+                                               ("qwen2.5-coder-0.5b-instruct", 24, 896)])
+def test_each_shipped_module_is_complete(name, layers, hidden):
+    d = la.MODULES_DIR / name
     meta = la._read_meta(d)
-    assert (meta["n"], meta["rank"], meta["alpha"]) == (32, 8, 32)
-    assert meta["base_model"]["name"] == "smollm2-135m-instruct"
-    assert load_file(str(d / "lookahead_embeddings.safetensors"))["embeddings"].shape == (32, 576)
+    assert (meta["n"], meta["rank"], meta["alpha"], meta["dtype"]) == (32, 8, 32, "bfloat16")
+    assert meta["base_model"]["name"] == name
+    assert meta["training"]["cost"]["hardware"].startswith("NVIDIA H200")  # what it cost, stated
+    emb = load_file(str(d / "lookahead_embeddings.safetensors"))["embeddings"]
+    assert emb.shape == (32, hidden) and emb.dtype == torch.bfloat16
     lora = load_file(str(d / "adapter_model.safetensors"))
-    assert len(lora) == 30 * 7 * 2  # A and B for q, k, v, o, gate, up, down in each of the 30 layers
+    assert len(lora) == layers * 7 * 2  # A and B for q, k, v, o, gate, up, down in each layer
     assert json.loads((d / "adapter_config.json").read_text())["r"] == 8
 
 

@@ -76,3 +76,10 @@ def test_training_prompts_reach_16k_tokens_with_the_qwen_tokenizer(small):
     prompts = training_prompts(tok, 3, 15000, 16000, ("squad", "instruct", "code"))
     lengths = [len(tok(p.text(tok), add_special_tokens=False)["input_ids"]) for p in prompts]
     assert all(12000 <= n <= 16500 for n in lengths), lengths
+
+
+@pytest.mark.parametrize("name", [SMALL, LARGE])
+def test_the_shipped_qwen_modules_are_found_by_identity(name):
+    model, _ = load_model(name, dtype=torch.bfloat16)  # converted here, on the CPU; trained on the H200's copy
+    assert la.shipped_module(model) == la.MODULES_DIR / name
+    assert la.use_module(model).n == 32
