@@ -110,6 +110,8 @@ def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], store:
     stats["seconds"] = time.perf_counter() - t0
     if device.type == "cuda":
         stats["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        # what the allocator held, which jobs beside this one on the GPU cannot have
+        stats["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     if distributed.world() > 1:
         stats = _sum_stats(distributed.gather(stats))  # also the barrier: every rank's shards are on disk now
         store.reload()
@@ -123,7 +125,7 @@ def _sum_stats(per_rank: list[dict]) -> dict:
     out = dict(per_rank[0], processes=len(per_rank))
     for k in ("prompts", "answered", "response_tokens", "prompt_tokens", "batches"):
         out[k] = sum(r[k] for r in per_rank)
-    for k in ("seconds", "peak_gib"):
+    for k in ("seconds", "peak_gib", "reserved_gib"):
         if k in out:
             out[k] = max(r[k] for r in per_rank)
     return out

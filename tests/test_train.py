@@ -59,6 +59,32 @@ def test_fast_collection_equals_a_per_sequence_reference(eos):
     assert answered >= 3
 
 
+def test_rows_that_leave_the_batch_free_their_buffers_before_the_next_step(monkeypatch):
+    import gc
+    import weakref
+
+    from lookaheadkv import collect
+
+    old, steps = [], []
+    select = collect.BufferLayer.select_rows
+
+    def recording_select(layer, rows):
+        old.append(weakref.ref(layer.buffers[0]))
+        select(layer, rows)
+
+    def checked_forward(*args, **kwargs):
+        gc.collect()
+        steps.append(sum(r() is not None for r in old))  # full-size buffers still alive at this step
+        return forward(*args, **kwargs)
+
+    forward = collect.forward
+    monkeypatch.setattr(collect.BufferLayer, "select_rows", recording_select)
+    monkeypatch.setattr(collect, "forward", checked_forward)
+    collect_batch(tiny_model(), sorted(prompts(7, seed=5, low=8, high=60), key=len), 24, set(range(3, 24)),
+                  prefill_tokens=90, check_every=4)
+    assert old and steps[-1] == 0 and max(steps) == 0
+
+
 def test_plan_batches_bound_the_buffer_and_group_by_length():
     lengths = [50, 10, 400, 30, 35, 300, 12]
     groups = plan_batches(lengths, 16, max_tokens=500)

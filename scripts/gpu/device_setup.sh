@@ -8,6 +8,9 @@ export LKV_DIR=${LKV_DIR:-/tmp/lkv}
 _lkv_setup() {  # a function, so that sourcing leaves no variable of its own in the caller's shell
   local f m
   export LKV_ENV=1 LOOKAHEADKV_HOME=${LOOKAHEADKV_HOME:-$LKV_DIR/home} PYTHONUNBUFFERED=1
+  # lanes share the GPU: without expandable segments the collection's shrinking batches left the allocator
+  # holding twice what it used (135 GB reserved for 66 GB allocated, 2026-12-02)
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   case ":${PYTHONPATH:-}:" in *":$PWD:"*) ;; *) export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" ;; esac
   mkdir -p "$LKV_DIR" "$LOOKAHEADKV_HOME/downloads"
   python3 -c "import gguf" 2>/dev/null || [ -z "$(ls .whl/gguf-*.whl 2>/dev/null)" ] \
