@@ -19,7 +19,8 @@
 #   recall   importance recall and F1 on 200 held-out TEST-split prompts, module in fp32 and bf16
 #   eval     `lookahead` with the new module on EVAL_PLAN's rounds (scripts/gpu/eval_rounds.py)
 #   compare  the other methods (COMPARE_METHODS) on EVAL_PLAN; needs no module, so it runs while one trains
-#   cost     `lookaheadkv bench` on the real weights: TTFT by stage of COST_METHODS at COST_CONTEXTS
+#   cost     `lookaheadkv bench` on the real weights: TTFT by stage of COST_METHODS at COST_CONTEXTS, the other
+#            lanes' GPU processes paused meanwhile
 #
 # Profiles (defaults by MODEL; every one is a knob):
 #   smollm2-135m-instruct: STAGES="bench targets sweep main bf16 eval& recall", 24K prompts up to 7.6K tokens
@@ -29,18 +30,17 @@
 #     (LR 3e-3), EVAL_PLAN in rounds 4K/8K/16K x 10, then x 25, then x 50 (4K, 8K), budgets 64..1024; the
 #     1.5B's SpecKV drafts with the 0.5B (k=32); the 0.5B's compare leaves SpecKV out.
 #
-# Time per stage on the H200, ESTIMATES (nothing of this has run on a Qwen model on a GPU yet), scaled from
-# SmolLM2-135M there: its eval ran ~60 rows/s at 4K and ~44 at 8K (fp32, 46 rows a sample; results/eval/
-# COMMAND.md), the shipped module's 102 steps of batch 8 took 46 s (~0.45 s/step, prompts ~1.9K tokens) and
-# its old collector 2.2 prompts/s (cap 256, host-bound). Qwen-1.5B has 11x the FLOPs per token and 28 layers
-# (SmolLM2: 30), so where SmolLM2 was bound by kernel launches it costs about the same, where by compute more:
-#   targets  1.5B: ~2-5 prompts/s (cap 512, prompts ~3.9K tokens on average) -> ~700-1,800 prompts in 6 min
-#   main     1.5B: ~1 s/step at batch 16 -> 2 epochs of 1,000 prompts (125 steps) ~2-3 min; 0.5B ~half
+# Time per stage on the H200, MEASURED on 2026-12-02 (results/eval/qwen2.5-coder-1.5b/COMMAND.md) with four jobs
+# time-slicing the GPU (each ran at about a quarter of its speed alone: SmolLM2's training 0.29 steps/s against
+# 1.20 alone), so a lane alone should do 2-4x better:
+#   targets  1.5B: 4.2 prompts/s (cap 512, up to 16K tokens, 1M buffer tokens), 0.5B 2.6; SmolLM2 37 (cap 256)
+#   main     1.5B: 3.0 s/step at batch 16 (0.34 steps/s), 0.5B 4.3 s/step; the fitted schedule plans the steps the
+#            limit holds at the speed of its first 20 steps
 #   bf16     <1 min (load + save)
-#   eval     lookahead alone, 6 rows a sample: round x10 of 4K+8K+16K (410 samples) ~3-6 min for the 1.5B
-#   compare  36 rows a sample for the 1.5B: ~20-40 rows/s at 4K, ~15-30 at 8K, ~8-15 at 16K -> round x10
-#            ~10-20 min, the whole plan (62K rows) ~40-70 min: several leases (rows resume from the files)
-#   cost     contexts 4K/8K/16K x 5 methods x 3 repeats: ~2 min
+#   eval     1.5B lookahead, 5 budgets: round x10 of 4K+8K+16K (2,460 rows) in 383 s
+#   compare  1.5B, six methods (SpecKV drafting with the 0.5B): round x10 (12,710 rows) in 971 s, 12-14 rows/s;
+#            the whole plan (~62K rows) is several leases (rows resume from the committed files)
+#   cost     not yet run (the lane's timings would have been shared); 4K/8K/16K x 5 methods x 3 repeats
 # Knobs: STAGES, P, N_MAIN, N_ABL, EPOCHS, BS, LR, LRS, MAIN_LRS, ABLATIONS, CAP, CAP2, TARGETS_LIMIT, MAIN_LIMIT, EVALS,
 # TARGET_TOKENS (a collection batch's buffer tokens; default: half the free memory, which lanes side by side share),
 # SAMPLES (a glob in $LKV_DIR), EVAL_PLAN, EVAL_BUDGETS, EVAL_METHODS, EVAL_BATCH, EVAL_LIMIT, COMPARE_METHODS,
@@ -250,12 +250,21 @@ st_compare() {
   rounds compare "$COMPARE_METHODS" "$COMPARE_LIMIT"
 }
 st_cost() {
-  local draft=()
+  local draft=() others rc
   [[ $COST_METHODS == *speckv* ]] && { wait_model "$DRAFT" && draft=(--draft-model "$DRAFT"); }
+  # Timings need the GPU alone: the other lanes' GPU processes are paused (SIGSTOP) while it runs (on
+  # 2026-12-02 four jobs time-sliced the GPU and each ran at a quarter of its speed)
+  others=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ' | paste -sd' ')
+  # shellcheck disable=SC2086
+  [ -n "$others" ] && kill -STOP $others 2>/dev/null && echo "paused for the benchmark: $others"
   logrun "$R/cost.log" timeout "$(left "$COST_LIMIT")" python3 -c "from lookaheadkv.cli import main; main()" bench \
     --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --contexts "$COST_CONTEXTS" --methods "$COST_METHODS" \
     --budget "${COST_BUDGET:-1024}" --decode-batches "" --repeats "${COST_REPEATS:-3}" \
     "${draft[@]}" --out "$R/cost"
+  rc=$?
+  # shellcheck disable=SC2086
+  [ -n "$others" ] && kill -CONT $others 2>/dev/null
+  return $rc
 }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader > "$R/gpu.txt" 2>&1

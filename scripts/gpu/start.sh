@@ -14,22 +14,23 @@
 # $LKV_DIR/deadline, which every stage's time limit respects (later calls: `echo $(( $(date +%s) + 300 )) >
 # /tmp/lkv/deadline` moves it). Other knobs go to the pipelines through the environment or $LKV_DIR/knobs.env.
 #
-# A lease for issue 13 (ESTIMATES; times per call from 2026-12-01: ~13 s beyond its command for ~50 MB carried):
-#   CPU, before: `bash scripts/gpu/stage.sh qwen` -> .gpu/calls-qwen.txt, one carry list a line (the 1.5B's 24
-#     chunks with the prompts and samples beside them, then the 0.5B's 11, at today's 16 MiB tree). Copy .gpu/ and
-#     .whl/ to the checkout the calls are made from if they were made in another.
-#   calls 1..N (~37, ~8 min), back to back: run(carry=LINE, command="source scripts/gpu/device_setup.sh;
+# A lease for issue 13 (measured 2026-12-02: ~6 s a staging call beyond its command, 35 calls; startup ~40 s):
+#   CPU, before: `bash scripts/gpu/stage.sh qwen` -> .gpu/calls-qwen.txt, one carry list a line (the 1.5B's 22
+#     chunks with the prompts and samples beside them, then the 0.5B's 10). Copy .gpu/ and .whl/ to the checkout
+#     the calls are made from if they were made in another. Rehearse first: scripts/gpu/rehearse_pipeline.sh.
+#   calls 1..N (~4 min), back to back: run(carry=LINE, command="source scripts/gpu/device_setup.sh;
 #     LEASE_LEFT=S bash scripts/gpu/start.sh qwen"), S = the seconds from the first call until the last one must
 #     begin (status's budget_left_s less ~240 for the final collection and margin; read once). The 1.5B converts
 #     in the background as its last chunk lands (~1 min); lane 1 collects targets while the 0.5B's chunks arrive.
-#   then: run(command="bash scripts/gpu/wait_for.sh qwen2.5-coder-1.5b-instruct:bf16 540") (~9 min: targets 6,
-#     training 2-3) -> the module comes back; run(command="bash scripts/gpu/wait_for.sh
-#     qwen2.5-coder-1.5b-instruct:eval 540") until the deadline -> the cost table, lookahead and compare rows.
-#   CPU, after: `python scripts/gpu/unpack.py FILES_AT` (module into lookaheadkv/modules/, rows merged into
+#   then: run(command="bash scripts/gpu/wait_for.sh qwen2.5-coder-1.5b-instruct:bf16 540") -> the module comes
+#     back; run(command="bash scripts/gpu/wait_for.sh qwen2.5-coder-1.5b-instruct:eval 540") until the deadline
+#     -> the cost table (the other lane paused meanwhile), lookahead and compare rows.
+#   Jobs side by side share the GPU by time-slicing: two lanes at most, one of them training; a lane's collection
+#     buffer is sized from the free memory when it starts (TARGET_TOKENS fixes it).
+#   CPU, after: `python scripts/gpu/unpack.py FILES_AT` (modules into lookaheadkv/modules/, rows merged into
 #     results/eval/, logs and benchmarks into results/train|bench/MODEL_h200/), then `lookaheadkv report` and
-#     `python scripts/readme_table.py`. A later lease resumes the rounds from the committed rows (the 0.5B's
-#     module and the rest of the comparison). Shipping the 1.5B's module (~18.5 MB in bf16) grows the tree that
-#     travels with every call, and so the number of staging calls: stage.sh plans with the tree of the day.
+#     `python scripts/readme_table.py`. A later lease resumes the rounds from the committed rows; a module
+#     trained anew has its lookahead rows redone by the eval stage (unpack replaces them).
 set -uo pipefail
 [ -n "${LKV_ENV:-}" ] || source scripts/gpu/device_setup.sh > /dev/null
 D=$LKV_DIR
