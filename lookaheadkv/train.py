@@ -212,6 +212,9 @@ class TrainConfig:
     fit_time_limit: bool = False  # shorten the schedule to the steps that fit time_limit, so its decay completes
     warmup: float = 0.05
     final_lr: float = 0.1  # cosine decay to this share of lr
+    # start from this module's weights (a directory, or "shipped": the model's own) instead of a fresh one, e.g.
+    # to train a shipped module further on new prompts; a new optimizer and schedule, its cost added to this one's
+    init: str | None = None
 
     def check(self) -> None:
         for name in ("samples", "epochs", "batch_size", "n", "response_tokens"):
@@ -282,6 +285,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     model.requires_grad_(False)
+    init = _init_module(model, cfg)
     t_start = time.perf_counter()
     if prompt_ids is None:
         prompts = training_prompts(tokenizer, cfg.samples, cfg.min_tokens, cfg.max_tokens, cfg.families, cfg.seed)
@@ -321,6 +325,8 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
             raise LookaheadKVError(f"{ckpt} is a checkpoint of a run with other {', '.join(diff)}; resume it with "
                                    "the same options, or give --no-resume (it is then overwritten)")
         mod = la.load(model, ckpt)
+    elif init is not None:
+        mod = la.load(model, init)
     else:
         mod = la.create(model, cfg.n, cfg.rank, cfg.alpha, seed=cfg.seed)
     params = mod.parameters(model)
@@ -470,6 +476,10 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
                  "prompts_with_targets": len(answered), "prompts_trained": len(train_idx), "steps": step},
     }
     info["cost"]["total_s"] = round(info["cost"]["targets_s"] + info["cost"]["training_s"], 3)
+    prior = (la._read_meta(init).get("training") or {}).get("cost") if init is not None else None
+    if prior:  # a warm start costs what its starting module cost too
+        info["cost"]["init"] = {"module": str(init), **prior}
+        info["cost"]["total_s"] = round(info["cost"]["total_s"] + prior.get("total_s", 0.0), 3)
     if device.type == "cuda":
         info["throughput"]["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if distributed.is_main():
@@ -538,6 +548,20 @@ def _global_losses(pending: list[torch.Tensor]) -> list[float]:
     return distributed.sum_cpu(torch.stack(pending).cpu()).tolist()
 
 
+def _init_module(model, cfg: TrainConfig) -> Path | None:
+    """The module a warm start begins from (checked before any work), or None."""
+    if cfg.init is None:
+        return None
+    path = la.shipped_module(model) if cfg.init == "shipped" else Path(cfg.init)
+    meta = la._read_meta(path) if path.is_dir() else None
+    if meta is None:
+        raise LookaheadKVError(f"--init {cfg.init}: no such module directory")
+    if (meta["n"], meta["rank"], meta["alpha"]) != (cfg.n, cfg.rank, cfg.alpha):
+        raise LookaheadKVError(f"--init {path} has n={meta['n']}, rank={meta['rank']}, alpha={meta['alpha']}; "
+                               f"give the same --n, --rank and --alpha (got {cfg.n}, {cfg.rank}, {cfg.alpha})")
+    return path
+
+
 def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signature: dict) -> None:
     la.save(model, mod, ckpt)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "log": log,
@@ -574,17 +598,19 @@ def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signat
 @click.option("--fit-time-limit", is_flag=True,
               help="shorten the schedule to the steps that fit --time-limit (timed over the first steps), so the "
                    "learning rate's decay completes and a module is written")
+@click.option("--init", help="start from this module's weights (DIR, or `shipped`: the model's shipped module), "
+                             "e.g. to train it further on new prompts")
 @click.option("--device", default="cpu", show_default=True)
 def train_command(model_name, out, prompts_file, samples, min_tokens, max_tokens, families, response_tokens, epochs,
                   batch_size, lr, n_tokens, rank, alpha, seed, targets_dir, collect_batch_tokens, checkpoint_every,
-                  evals, resume, collect_time_limit, time_limit, fit_time_limit, device):
+                  evals, resume, collect_time_limit, time_limit, fit_time_limit, init, device):
     """Train a lookahead module (embeddings + LoRA) for a model and write it to OUT."""
     from .models import load_model
 
     cfg = TrainConfig(samples, min_tokens, max_tokens, tuple(f for f in families.split(",") if f), response_tokens,
                       epochs, batch_size, lr, n_tokens, rank, alpha, seed, checkpoint_every=checkpoint_every,
                       evals=evals, collect_batch_tokens=collect_batch_tokens, collect_time_limit=collect_time_limit,
-                      time_limit=time_limit, fit_time_limit=fit_time_limit)
+                      time_limit=time_limit, fit_time_limit=fit_time_limit, init=init)
     cfg.check()
     device = distributed.device_for(device)
     ids = fams = None

@@ -209,6 +209,22 @@ def test_train_writes_a_loadable_module_and_a_log(tmp_path):
     assert got.meta["training"]["data"]["prompts"] == 10
 
 
+def test_a_warm_start_begins_where_its_module_ended_and_adds_its_cost(tmp_path):
+    first = run(tiny_model(), tmp_path / "a", config(epochs=1, lr=1e-3))
+    more = run(tiny_model(), tmp_path / "b", config(epochs=1, lr=1e-3, init=str(tmp_path / "a")),
+               targets_dir=tmp_path / "a" / "targets")
+    before, after = more["validation"]["untrained"], first["validation"]["final"]
+    assert {**before, "step": 0} == {**after, "step": 0}  # the same weights on the same prompts
+    assert more["validation"]["final"]["loss"] < first["validation"]["final"]["loss"]
+    assert more["cost"]["init"]["steps"] == first["cost"]["steps"]
+    assert more["cost"]["total_s"] == pytest.approx(more["cost"]["targets_s"] + more["cost"]["training_s"]
+                                                    + first["cost"]["total_s"], abs=2e-3)
+    with pytest.raises(LookaheadKVError, match="has n=4, rank=4, alpha=8; give the same"):
+        run(tiny_model(), tmp_path / "c", config(init=str(tmp_path / "a"), rank=2))
+    with pytest.raises(LookaheadKVError, match="no lookahead module is shipped"):
+        run(tiny_model(), tmp_path / "d", config(init="shipped"))
+
+
 def interrupt_at(monkeypatch, k):
     """tr.batch_loss raising KeyboardInterrupt at the k-th training step; returns the real one."""
     real, calls = tr.batch_loss, {"n": 0}

@@ -43,6 +43,7 @@
 #   cost     not yet run (the lane's timings would have been shared); 4K/8K/16K x 5 methods x 3 repeats
 # Knobs: STAGES, P, N_MAIN, N_ABL, EPOCHS, BS, LR, LRS, MAIN_LRS, ABLATIONS, CAP, CAP2, TARGETS_LIMIT, MAIN_LIMIT, EVALS,
 # TARGET_TOKENS (a collection batch's buffer tokens; default: half the free memory, which lanes side by side share),
+# INIT (main starts from this module, e.g. `shipped`: the shipped module trained further on this lease's prompts),
 # SAMPLES (a glob in $LKV_DIR), EVAL_PLAN, EVAL_BUDGETS, EVAL_METHODS, EVAL_BATCH, EVAL_LIMIT, COMPARE_METHODS,
 # COMPARE_LIMIT, COST_CONTEXTS, COST_METHODS, COST_BUDGET, COST_REPEATS, COST_LIMIT, DTYPE; DRY=1 prints them and
 # stops. A rehearsal on the CPU at toy sizes: scripts/gpu/rehearse_pipeline.sh (DEVICE=cpu, a temporary LKV_DIR).
@@ -182,7 +183,7 @@ st_main() {
   local lr
   for lr in ${MAIN_LRS:-$best}; do
     run "main_lr$lr" --samples "$N_MAIN" --targets "$T/t$CAP" --response-tokens "$CAP" --epochs "$EPOCHS" \
-      --batch-size "$BS" --lr "$lr" --time-limit "$(left "$MAIN_LIMIT")" --fit-time-limit &
+      --batch-size "$BS" --lr "$lr" --time-limit "$(left "$MAIN_LIMIT")" --fit-time-limit ${INIT:+--init "$INIT"} &
   done
   local a name args store cap abl=()
   IFS='|' read -ra abl <<< "$ABLATIONS"
