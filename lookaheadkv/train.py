@@ -280,12 +280,12 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     (its targets are found in the store by content, or collected again)."""
     cfg = cfg or TrainConfig()
     cfg.check()
+    init = _init_module(model, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     model.requires_grad_(False)
-    init = _init_module(model, cfg)
     t_start = time.perf_counter()
     if prompt_ids is None:
         prompts = training_prompts(tokenizer, cfg.samples, cfg.min_tokens, cfg.max_tokens, cfg.families, cfg.seed)
