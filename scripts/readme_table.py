@@ -118,8 +118,9 @@ def render(rows: Sequence[dict], module: Path | None, budgets: Sequence[int] | N
     for r in rows:
         samples[(r["task"], r["length"])].add(r["sample"])
     n = sorted({len(v) for v in samples.values()})
-    parts = [f"Mean score (x100) of {rows[0]['model']}; {min(n)}-{max(n)} samples per task and length, the ones "
-             "every method has.", "",
+    count = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+    parts = [f"Mean score (x100) of {rows[0]['model']}; {count} samples per task and length, the ones every "
+             "method has.", "",
              scores_table(rows, budgets), "", "Paired differences (mean ± 95% CI, x100):", "",
              paired_table(rows, budgets=budgets)]
     if module is not None:

@@ -28,7 +28,7 @@ def test_tables_hold_the_means_and_the_paired_differences():
     assert "| full | 100.0 | 100.0 | 100.0 | 100.0 |" in text and "| lookahead | 55.0 | 55.0 | 55.0 | 55.0 |" in text
     assert "| speckv | 30.0 |" in text  # labels lose their options
     assert "| speckv | +25.0 ± 0.0 | +25.0 ± 0.0 |" in text  # paired: the same lead on every sample
-    assert "4-4 samples per task" in text
+    assert "; 4 samples per task" in text
     assert "B=64" in readme_table.render(rows(), None, [64]) and "B=128" not in readme_table.render(rows(), None, [64])
     # a method with samples the others lack (a lease ran out) is averaged over the shared ones only
     extra = [dict(r, sample="niah_single_1-9", score=0.0) for r in rows() if r["sample"] == "niah_single_1-0"
