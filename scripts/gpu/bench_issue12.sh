@@ -31,9 +31,9 @@ if [ "${REHEARSAL:-0}" = 1 ]; then
   echo "rehearsal on the CPU: $(python3 -c 'import torch; print(torch.__version__)')" | tee "$OUT/gpu.txt"
   ARGS=(--rehearsal --deadline 100000)
 else
-  if [ -f .gpu/smollm2.part2 ] || [ -f /tmp/lkv/smollm2.part0 ]; then
-    source scripts/gpu/device_setup.sh  # assembles, checks and converts SmolLM2 once all three parts are there
-  fi
+  # always: it assembles, checks and converts SmolLM2 once all three parts are there, and sets LOOKAHEADKV_HOME
+  # to where an earlier call converted it (the 2026-12-02 run looked in the default home and used random weights)
+  source scripts/gpu/device_setup.sh > /dev/null
   export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
   echo "+ LKV_TEST_CUDA=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py"
