@@ -273,11 +273,12 @@ def _signature(cfg: TrainConfig, keys: list[str]) -> dict:
 
 def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, prompt_ids: Sequence[torch.Tensor]
           | None = None, families: Sequence[str] | None = None, targets_dir: str | Path | None = None,
-          resume: bool = True, progress: bool = True) -> dict:
+          resume: bool = True, progress: bool = True, prompt_options: dict | None = None) -> dict:
     """Train a module for `model`; writes the module and train_log.json to `out` and returns the run's record.
     `prompt_ids` (token ids, one tensor per prompt; `families` names each one's family) replaces the built-in
-    training prompts. Checkpoints go to out/checkpoint; a later call with the same configuration resumes there
-    (its targets are found in the store by content, or collected again)."""
+    training prompts; `prompt_options` (a prompt file's: lookaheadkv.train_data.load_prompts) is what built them.
+    Checkpoints go to out/checkpoint; a later call with the same configuration resumes there (its targets are
+    found in the store by content, or collected again)."""
     cfg = cfg or TrainConfig()
     cfg.check()
     init = _init_module(model, cfg)
@@ -288,6 +289,8 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     model.requires_grad_(False)
     t_start = time.perf_counter()
     if prompt_ids is None:
+        prompt_options = {"samples": cfg.samples, "min_tokens": cfg.min_tokens, "max_tokens": cfg.max_tokens,
+                          "families": list(cfg.families), "seed": cfg.seed}
         prompts = training_prompts(tokenizer, cfg.samples, cfg.min_tokens, cfg.max_tokens, cfg.families, cfg.seed)
         enc = tokenizer([p.text(tokenizer) for p in prompts], add_special_tokens=False)["input_ids"]
         prompt_ids = [torch.tensor(x) for x in enc]
@@ -453,7 +456,9 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
                  "families": dict(Counter(families[i] for i in train_idx)),
                  "prompt_tokens": {"min": min(lens), "mean": round(sum(lens) / len(lens)), "max": max(lens),
                                    "over_4k": sum(x > 4096 for x in lens)},
-                 "response_tokens_cap": cfg.response_tokens, "seed": cfg.seed},
+                 "response_tokens_cap": cfg.response_tokens, "seed": cfg.seed,
+                 # what built the prompts (config's min/max_tokens build them only without a prompt file)
+                 "built_with": prompt_options},
         "config": {**asdict(cfg), "families": list(cfg.families)},
         "optimisation": {"steps": step, "planned_steps": planned, "schedule_steps": total,
                          "stopped_by_time_limit": stopped,
@@ -613,11 +618,13 @@ def train_command(model_name, out, prompts_file, samples, min_tokens, max_tokens
                       time_limit=time_limit, fit_time_limit=fit_time_limit, init=init)
     cfg.check()
     device = distributed.device_for(device)
-    ids = fams = None
+    ids = fams = options = None
     if prompts_file:
-        ids, fams, _ = load_prompts(prompts_file)
+        ids, fams, options = load_prompts(prompts_file)
+        options = {"file": Path(prompts_file).name, **options}
     model, tok = load_model(model_name, device=device)
-    info = train(model, tok, out, cfg, prompt_ids=ids, families=fams, targets_dir=targets_dir, resume=resume)
+    info = train(model, tok, out, cfg, prompt_ids=ids, families=fams, targets_dir=targets_dir, resume=resume,
+                 prompt_options=options)
     if not distributed.is_main():
         return
     click.echo(json.dumps({k: info[k] for k in ("data", "validation", "throughput", "time_s", "hardware",

@@ -379,12 +379,14 @@ def test_train_killed_mid_run_and_started_again_gives_the_uninterrupted_module(t
     from safetensors.torch import load_file
 
     model_dir = save_tiny(tmp_path / "model", seed=0)
-    save_prompts(tmp_path / "p.safetensors", [x.tolist() for x in prompts(10, seed=2)], ["t"] * 10, {})
+    save_prompts(tmp_path / "p.safetensors", [x.tolist() for x in prompts(10, seed=2)], ["t"] * 10, {"max_tokens": 74})
     args = ["train", "--model", model_dir, "--prompts", str(tmp_path / "p.safetensors"), "--samples", "10",
             "--n", "4", "--rank", "4", "--alpha", "8", "--response-tokens", "6", "--batch-size", "2",
             "--epochs", "3", "--lr", "1e-2", "--evals", "1", "--checkpoint-every", "1"]
     whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
+    meta = json.loads((tmp_path / "whole" / "lookahead.json").read_text())
+    assert meta["training"]["data"]["built_with"] == {"file": "p.safetensors", "max_tokens": 74}  # not the defaults
     slow = ("import time; import lookaheadkv.train as t; real = t.batch_loss; "
             "t.batch_loss = lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1]; "
             "from lookaheadkv.cli import main; main()")
