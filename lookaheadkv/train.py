@@ -281,7 +281,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     found in the store by content, or collected again)."""
     cfg = cfg or TrainConfig()
     cfg.check()
-    init = _init_module(model, cfg)
+    init, init_meta = _init_module(model, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -481,7 +481,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
                  "prompts_with_targets": len(answered), "prompts_trained": len(train_idx), "steps": step},
     }
     info["cost"]["total_s"] = round(info["cost"]["targets_s"] + info["cost"]["training_s"], 3)
-    prior = (la._read_meta(init).get("training") or {}).get("cost") if init is not None else None
+    prior = (init_meta.get("training") or {}).get("cost")
     if prior:  # a warm start costs what its starting module cost too
         info["cost"]["init"] = {"module": str(init), **prior}
         info["cost"]["total_s"] = round(info["cost"]["total_s"] + prior.get("total_s", 0.0), 3)
@@ -553,18 +553,18 @@ def _global_losses(pending: list[torch.Tensor]) -> list[float]:
     return distributed.sum_cpu(torch.stack(pending).cpu()).tolist()
 
 
-def _init_module(model, cfg: TrainConfig) -> Path | None:
-    """The module a warm start begins from (checked before any work), or None."""
+def _init_module(model, cfg: TrainConfig) -> tuple[Path | None, dict]:
+    """The module a warm start begins from and its lookahead.json (checked before any work), or (None, {})."""
     if cfg.init is None:
-        return None
+        return None, {}
     path = la.shipped_module(model) if cfg.init == "shipped" else Path(cfg.init)
-    meta = la._read_meta(path) if path.is_dir() else None
-    if meta is None:
+    if not path.is_dir():
         raise LookaheadKVError(f"--init {cfg.init}: no such module directory")
+    meta = la._read_meta(path)
     if (meta["n"], meta["rank"], meta["alpha"]) != (cfg.n, cfg.rank, cfg.alpha):
         raise LookaheadKVError(f"--init {path} has n={meta['n']}, rank={meta['rank']}, alpha={meta['alpha']}; "
                                f"give the same --n, --rank and --alpha (got {cfg.n}, {cfg.rank}, {cfg.alpha})")
-    return path
+    return path, meta
 
 
 def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signature: dict) -> None:

@@ -78,12 +78,13 @@ def unpack(files_at: Path, root: Path) -> list[str]:
             if f.name == "rows.tgz":
                 with tarfile.open(f) as tar:
                     files = [m for m in tar.getmembers() if m.isfile() and m.name.endswith((".jsonl", ".jsonl.gz"))]
-                    for m in sorted(files, key=lambda m: Path(m.name).parent.name != "eval"):  # eval lane first
+                    from_eval = {m.name: Path(m.name).parent.name == "eval" for m in files}  # the lane a file is from
+                    for m in sorted(files, key=lambda m: not from_eval[m.name]):  # the eval lane's first
                         name = Path(m.name).name
                         rows = read_jsonl(tar.extractfile(m).read(), name.endswith(".gz"))
                         stem = name.removesuffix(".gz").removesuffix(".jsonl")
                         dest = root / "results" / "eval" / f"{stem}.jsonl.gz"
-                        added = merge_rows(dest, rows, fresh=Path(m.name).parent.name == "eval")
+                        added = merge_rows(dest, rows, fresh=from_eval[m.name])
                         done.append(f"{dest}: {added} rows added from {m.name}")
             elif f.name == "results.tgz":
                 with tarfile.open(f) as tar:
