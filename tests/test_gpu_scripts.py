@@ -111,6 +111,7 @@ def test_what_comes_back_is_unpacked_into_the_repository(tmp_path):
     with tarfile.open(back / "results.tgz", "w:gz") as tar:
         add(tar, "m/results/cost/bench.json", b"{}")
         add(tar, "m/results/main.train_log.json", b"{}")
+        add(tar, "m/results/gpu.txt", b"NVIDIA H100 80GB HBM3, 81559 MiB, 1980 MHz\n")
     module = io.BytesIO()
     with tarfile.open(fileobj=module, mode="w") as tar:
         add(tar, "main_bf16/lookahead.json", b"{}")
@@ -128,8 +129,15 @@ def test_what_comes_back_is_unpacked_into_the_repository(tmp_path):
     # each row key once; the eval lane's module rows replace the old module's, whose rows it lacks go
     assert [(r["method"], r["sample"], "old" in r) for r in got] == [
         ("tova", "s0", False), ("snapkv", "s0", False), ("full", "s0", False), ("lookahead", "s0", False)]
-    assert (root / "results" / "bench" / "m_h200" / "bench.json").exists()
-    assert (root / "results" / "train" / "m_h200" / "main.train_log.json").exists()
+    assert (root / "results" / "bench" / "m_h100" / "bench.json").exists()  # the card gpu.txt names
+    log = root / "results" / "train" / "m_h100" / "main.train_log.json"
+    assert log.read_bytes() == b"{}"
+    log.write_bytes(b'{"earlier": 1}')  # a file of an earlier lease is not overwritten: --run gives its own folder
+    with pytest.raises(SystemExit, match="exists with other contents"):
+        unpack.unpack(back, root)
+    assert log.read_bytes() == b'{"earlier": 1}'
+    unpack.unpack(back, root, run="second")
+    assert (root / "results" / "train" / "m_h100" / "runs" / "second" / "main.train_log.json").read_bytes() == b"{}"
     assert (root / "lookaheadkv" / "modules" / "m" / "adapter_model.safetensors").read_bytes() == b"x" * 3000
 
 

@@ -8,8 +8,10 @@
   trained anew and carries every other row it started from, so its rows replace those of the same key and a method
   it carries loses the rows it does not (the old module's, which a row key naming no module cannot tell apart).
   Then the compare lane's: union by row key, rows already there first;
-- results.tgz: each model's logs, train logs, recall and trainer benchmark into results/train/MODEL_h200/, its
-  cost benchmark (`cost/`) into results/bench/MODEL_h200/ (`python -m lookaheadkv.bench.report` writes the tables);
+- results.tgz: each model's logs, train logs, recall and trainer benchmark into results/train/MODEL_CARD/, its
+  cost benchmark (`cost/`) into results/bench/MODEL_CARD/ (`python -m lookaheadkv.bench.report` writes the tables);
+  CARD is the GPU its gpu.txt names (h100, h200). `--run NAME` puts them under MODEL_CARD/runs/NAME/ instead; a file
+  already there with other contents is never overwritten (it stops, asking for --run);
 - module-MODEL.tar: the bf16 module into lookaheadkv/modules/MODEL/, where it is found by the model's identity.
 Prints what it wrote; nothing is deleted.
 """
@@ -71,7 +73,13 @@ def merge_rows(dest: Path, new: list[dict], fresh: bool = False) -> int:
     return len(added)
 
 
-def unpack(files_at: Path, root: Path) -> list[str]:
+def card(name: str) -> str:
+    """'h100' from gpu.txt's 'NVIDIA H100 80GB HBM3, ...' (any GPU: its model word, lower case)."""
+    words = name.replace(",", " ").split()
+    return next((w.lower() for w in words if any(c.isdigit() for c in w)), "gpu")
+
+
+def unpack(files_at: Path, root: Path, run: str | None = None) -> list[str]:
     done = []
     with tempfile.TemporaryDirectory() as tmp:
         for f in join_parts(files_at, Path(tmp)):
@@ -88,17 +96,25 @@ def unpack(files_at: Path, root: Path) -> list[str]:
                         done.append(f"{dest}: {added} rows added from {m.name}")
             elif f.name == "results.tgz":
                 with tarfile.open(f) as tar:
-                    for m in tar.getmembers():
-                        parts = Path(m.name).parts  # MODEL/results/...
-                        if not m.isfile() or len(parts) < 3 or m.name.endswith(".done"):
-                            continue
-                        rest = Path(*parts[2:])
-                        if rest.parts[0] == "cost":
-                            dest = root / "results" / "bench" / f"{parts[0]}_h200" / Path(*rest.parts[1:])
-                        else:
-                            dest = root / "results" / "train" / f"{parts[0]}_h200" / rest
+                    members = [m for m in tar.getmembers() if m.isfile() and len(Path(m.name).parts) >= 3
+                               and not m.name.endswith(".done")]  # MODEL/results/...
+                    cards = {Path(m.name).parts[0]: card(tar.extractfile(m).read().decode())
+                             for m in members if Path(m.name).parts[2:] == ("gpu.txt",)}
+                    writes = []
+                    for m in members:
+                        model, _, *rest = Path(m.name).parts
+                        kind = "bench" if rest[0] == "cost" else "train"
+                        rest = rest[1:] if kind == "bench" else rest
+                        dest = root / "results" / kind / f"{model}_{cards.get(model, 'gpu')}"
+                        dest = (dest / "runs" / run if run else dest) / Path(*rest)
+                        data = tar.extractfile(m).read()
+                        if dest.exists() and dest.read_bytes() != data:
+                            raise SystemExit(f"unpack: {dest} exists with other contents; give --run NAME "
+                                             "to put this lease's files in a folder of their own")
+                        writes.append((dest, data))
+                    for dest, data in writes:  # only once nothing would be overwritten
                         dest.parent.mkdir(parents=True, exist_ok=True)
-                        dest.write_bytes(tar.extractfile(m).read())
+                        dest.write_bytes(data)
                         done.append(str(dest))
             elif f.name.startswith("module-") and f.name.endswith(".tar"):
                 model = f.name.removeprefix("module-").removesuffix(".tar")
@@ -119,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files_at", type=Path)
     ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--run", help="put logs and benchmarks under MODEL_CARD/runs/RUN/ (e.g. a date)")
     a = ap.parse_args(argv)
-    for line in unpack(a.files_at, a.root):
+    for line in unpack(a.files_at, a.root, a.run):
         print(line)
 
 
