@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -197,7 +197,7 @@ class TrainConfig:
     response_tokens: int = 256
     epochs: int = 2
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float | None = None  # None: 3e-3, or for a warm start where its module's schedule ended (warm_start_lr)
     n: int = 32
     rank: int = 8
     alpha: int = 32
@@ -220,7 +220,7 @@ class TrainConfig:
         for name in ("samples", "epochs", "batch_size", "n", "response_tokens"):
             if getattr(self, name) < 1:
                 raise LookaheadKVError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.rank < 0 or self.alpha <= 0 or not self.lr > 0 or not 0 <= self.val_share < 1:
+        if self.rank < 0 or self.alpha <= 0 or (self.lr is not None and not self.lr > 0) or not 0 <= self.val_share < 1:
             raise LookaheadKVError("need --rank >= 0, --alpha > 0, --lr > 0 and 0 <= --val-share < 1")
         world = distributed.world()
         if self.batch_size % world:
@@ -282,6 +282,8 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     cfg = cfg or TrainConfig()
     cfg.check()
     init, init_meta = _init_module(model, cfg)
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=warm_start_lr(init_meta) if init else 3e-3)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -567,6 +569,14 @@ def _init_module(model, cfg: TrainConfig) -> tuple[Path | None, dict]:
     return path, meta
 
 
+def warm_start_lr(meta: dict) -> float:
+    """A warm start's default learning rate: where its module's own schedule ended (lr x final_lr). Fresh AdamW
+    moments at the full 3e-3 undid a trained module (2026-12-02, Qwen2.5-Coder-1.5B: validation recall@64 0.775 at
+    the start, 0.630 after 42 steps, 0.744 after 168; results/train/qwen2.5-coder-1.5b-instruct_h200/runs/)."""
+    c = (meta.get("training") or {}).get("config") or {}
+    return float(c.get("lr") or 3e-3) * float(c.get("final_lr", 0.1))
+
+
 def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signature: dict) -> None:
     la.save(model, mod, ckpt)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "log": log,
@@ -587,7 +597,7 @@ def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signat
 @click.option("--response-tokens", default=256, show_default=True, help="greedy response cap (paper: 512)")
 @click.option("--epochs", default=2, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--lr", type=float, help="learning rate [default: 3e-3; with --init, where its module's schedule ended]")
 @click.option("--n", "--lookahead-tokens", "n_tokens", default=32, show_default=True,
               help="lookahead embeddings (under torchrun write --lookahead-tokens: its parser takes --n for its own)")
 @click.option("--rank", default=8, show_default=True, help="LoRA rank (0: lookahead embeddings alone)")

@@ -219,6 +219,13 @@ def test_a_warm_start_begins_where_its_module_ended_and_adds_its_cost(tmp_path):
     assert more["cost"]["init"]["steps"] == first["cost"]["steps"]
     assert more["cost"]["total_s"] == pytest.approx(more["cost"]["targets_s"] + more["cost"]["training_s"]
                                                     + first["cost"]["total_s"], abs=2e-3)
+    assert more["config"]["lr"] == 1e-3  # given, it is kept
+    # not given, a warm start goes on at the rate its module's schedule ended with
+    again = run(tiny_model(), tmp_path / "e", config(epochs=1, lr=None, init=str(tmp_path / "a")),
+                targets_dir=tmp_path / "a" / "targets")
+    assert again["config"]["lr"] == pytest.approx(1e-3 * first["config"]["final_lr"])
+    assert run(tiny_model(), tmp_path / "f", config(epochs=1, lr=None), targets_dir=tmp_path / "a" / "targets")[
+        "config"]["lr"] == 3e-3
     with pytest.raises(LookaheadKVError, match="has n=4, rank=4, alpha=8; give the same"):
         run(tiny_model(), tmp_path / "c", config(init=str(tmp_path / "a"), rank=2))
     with pytest.raises(LookaheadKVError, match="no lookahead module is shipped"):

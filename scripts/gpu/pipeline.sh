@@ -180,10 +180,15 @@ st_main() {
   echo "lr: $best" | tee "$R/lr.txt"
   # MAIN_LRS (a short lease: no sweep) trains one main run per lr side by side; the best by validation
   # recall@64 becomes main (the others are the sweep)
-  local lr
-  for lr in ${MAIN_LRS:-$best}; do
+  # A warm start (INIT) without MAIN_LRS: train's own default, the rate its module's schedule ended with (3e-3
+  # again undid the 1.5B's module on 2026-12-02)
+  local lr lrs=${MAIN_LRS:-$best}
+  [ -n "${INIT:-}" ] && [ -z "${MAIN_LRS:-}" ] && lrs=init
+  for lr in $lrs; do
+    # shellcheck disable=SC2046
     run "main_lr$lr" --samples "$N_MAIN" --targets "$T/t$CAP" --response-tokens "$CAP" --epochs "$EPOCHS" \
-      --batch-size "$BS" --lr "$lr" --time-limit "$(left "$MAIN_LIMIT")" --fit-time-limit ${INIT:+--init "$INIT"} &
+      --batch-size "$BS" $([ "$lr" = init ] || echo --lr "$lr") --time-limit "$(left "$MAIN_LIMIT")" --fit-time-limit \
+      ${INIT:+--init "$INIT"} &
   done
   local a name args store cap abl=()
   IFS='|' read -ra abl <<< "$ABLATIONS"
