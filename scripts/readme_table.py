@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lookaheadkv.evaluation.metrics import mean_ci  # noqa: E402
+from lookaheadkv.evaluation.report import shared_samples  # noqa: E402
 from lookaheadkv.evaluation.runner import read_rows  # noqa: E402
 
 FAMILIES = ("ruler", "qa", "fidelity")
@@ -100,18 +101,8 @@ def cost_line(module: Path) -> str:
             f"prompts){stopped}.")
 
 
-def common(rows: Sequence[dict]) -> list[dict]:
-    """The rows of the samples that every method of their task and length has, so that each mean runs over the
-    same samples (leases that ran out of time leave some methods with more)."""
-    have: dict = defaultdict(lambda: defaultdict(set))
-    for r in rows:
-        have[(r["task"], r["length"])][r["method"]].add(r["sample"])
-    shared = {k: set.intersection(*per.values()) for k, per in have.items()}
-    return [r for r in rows if r["sample"] in shared[(r["task"], r["length"])]]
-
-
 def render(rows: Sequence[dict], module: Path | None, budgets: Sequence[int] | None) -> str:
-    rows = common(rows)
+    rows = shared_samples(rows)
     if not rows:
         return "not measured yet"
     samples = defaultdict(set)

@@ -34,6 +34,12 @@ def test_tables_hold_the_means_and_the_paired_differences():
     extra = [dict(r, sample="niah_single_1-9", score=0.0) for r in rows() if r["sample"] == "niah_single_1-0"
              and r["method"] != "lookahead"]
     assert "| speckv | 30.0 |" in readme_table.render(rows() + extra, None, None)
+    # a task with more shared samples than another of its family and length gives only as many (its first ones)
+    more = [dict(r, sample="niah_single_1-9", score=0.0) for r in rows() if r["sample"] == "niah_single_1-0"]
+    other = [dict(r, task="niah_single_2", sample=f"n2-{r['sample'][-1]}") for r in rows()
+             if r["task"] == "niah_single_1" and r["sample"] != "niah_single_1-3"]
+    text = readme_table.render(rows() + more + other, None, None)
+    assert "; 3-4 samples per task" in text and "| lookahead | 53.3 |" in text  # (.5 + .6 + .5) x 2 tasks / 6
 
 
 def test_the_readme_block_is_filled_and_empty_rows_write_no_number(tmp_path):

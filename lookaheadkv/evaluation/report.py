@@ -135,6 +135,26 @@ def plot(rows: list[dict], path: Path, by: str = "family", metric: str = "score"
     return path
 
 
+def shared_samples(rows: Sequence[dict]) -> list[dict]:
+    """The rows of the samples that every method of their task and length has, so that each mean runs over the
+    same samples (leases that ran out of time leave some methods with more), and as many of them for every task of
+    a family and length (the first ones, in row order), so that a family's mean weighs its tasks alike, as RULER's
+    mean of its tasks does."""
+    have: dict = defaultdict(lambda: defaultdict(set))
+    order: dict = defaultdict(dict)  # (task, length) -> sample -> first position, as insertion order
+    for r in rows:
+        have[(r["task"], r["length"])][r["method"]].add(r["sample"])
+        order[(r["task"], r["length"])].setdefault(r["sample"], None)
+    shared = {k: [s for s in order[k] if all(s in v for v in per.values())] for k, per in have.items()}
+    family = {(r["task"], r["length"]): r["family"] for r in rows}
+    least: dict = {}
+    for k, samples in shared.items():
+        f = (family[k], k[1])
+        least[f] = min(least.get(f, len(samples)), len(samples))
+    keep = {k: set(samples[:least[(family[k], k[1])]]) for k, samples in shared.items()}
+    return [r for r in rows if r["sample"] in keep[(r["task"], r["length"])]]
+
+
 def write_report(results: Sequence[str | Path], folder: str | Path) -> Path:
     """report.md (tables) and scores_by_family.png / scores_by_task.png in `folder`; a results file that holds
     no evaluation row is refused before anything is written."""
@@ -144,6 +164,7 @@ def write_report(results: Sequence[str | Path], folder: str | Path) -> Path:
         if not found:
             raise LookaheadKVError(f"{p} holds no evaluation rows (the JSONL rows `lookaheadkv eval` writes)")
         rows += found
+    rows = shared_samples(rows)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plot(rows, folder / "scores_by_family.png", by="family")
@@ -153,7 +174,8 @@ def write_report(results: Sequence[str | Path], folder: str | Path) -> Path:
         "# Evaluation report", "",
         f"{len(rows)} rows, {samples} samples, from {', '.join(str(p) for p in results)}. Cells: mean ± half-width "
         "of the 95% confidence interval (normal), in percent; n = samples; B = KV budget (entries kept per layer "
-        "and KV head). The full cache (no eviction) is shown in every budget column.", "",
+        "and KV head). The full cache (no eviction) is shown in every budget column. Only the samples every "
+        "method has, and as many for every task of a family and length.", "",
         "## Score by task family (mean over the family's samples)", "", table(rows, "score", "family"), "",
         "![score vs budget by family](scores_by_family.png)", "",
         "## Score by task", "",

@@ -33,14 +33,15 @@
 # Time per stage on the H200, MEASURED on 2026-12-02 (results/eval/qwen2.5-coder-1.5b/COMMAND.md) with four jobs
 # time-slicing the GPU (each ran at about a quarter of its speed alone: SmolLM2's training 0.29 steps/s against
 # 1.20 alone), so a lane alone should do 2-4x better:
-#   targets  1.5B: 4.2 prompts/s (cap 512, up to 16K tokens, 1M buffer tokens), 0.5B 2.6; SmolLM2 37 (cap 256)
-#   main     1.5B: 3.0 s/step at batch 16 (0.34 steps/s), 0.5B 4.3 s/step; the fitted schedule plans the steps the
-#            limit holds at the speed of its first 20 steps
+#   targets  1.5B: 4.2 prompts/s (cap 512, up to 16K tokens, 1M buffer tokens; alone 12.9), 0.5B 2.6; SmolLM2 37 (cap 256)
+#   main     1.5B: 3.0 s/step at batch 16 (0.34 steps/s; alone 1.83 s/step on 2,714 prompts of up to 15.7K
+#            tokens), 0.5B 4.3 s/step; the fitted schedule plans the steps the limit holds at its first 20 steps' speed
 #   bf16     <1 min (load + save)
-#   eval     1.5B lookahead, 5 budgets: round x10 of 4K+8K+16K (2,460 rows) in 383 s
+#   eval     1.5B lookahead, 5 budgets: round x10 of 4K+8K+16K (2,460 rows) in 383 s; round x25 beside the
+#            compare lane only: 4K 1,260 rows in 92 s, 8K 1,170 in 115 s, 16K 1,080 in 236 s
 #   compare  1.5B, six methods (SpecKV drafting with the 0.5B): round x10 (12,710 rows) in 971 s, 12-14 rows/s;
 #            the whole plan (~62K rows) is several leases (rows resume from the committed files)
-#   cost     not yet run (the lane's timings would have been shared); 4K/8K/16K x 5 methods x 3 repeats
+#   cost     1.5B, 4K/8K/16K x 5 methods + plain x 5 repeats, GPU alone: ~1 min (2026-12-02 19:15)
 # Knobs: STAGES, P, N_MAIN, N_ABL, EPOCHS, BS, LR, LRS, MAIN_LRS, ABLATIONS, CAP, CAP2, TARGETS_LIMIT, MAIN_LIMIT, EVALS,
 # TARGET_TOKENS (a collection batch's buffer tokens; default: half the free memory, which lanes side by side share),
 # INIT (main starts from this module, e.g. `shipped`: the shipped module trained further on this lease's prompts),
