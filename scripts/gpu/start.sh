@@ -28,7 +28,7 @@
 #   Jobs side by side share the GPU by time-slicing: two lanes at most, one of them training; a lane's collection
 #     buffer is sized from the free memory when it starts (TARGET_TOKENS fixes it).
 #   CPU, after: `python scripts/gpu/unpack.py FILES_AT` (modules into lookaheadkv/modules/, rows merged into
-#     results/eval/, logs and benchmarks into results/train|bench/MODEL_h200/), then `lookaheadkv report` and
+#     results/eval/, logs and benchmarks into results/train|bench/MODEL_CARD/, or their runs/NAME/ with --run), then `lookaheadkv report` and
 #     `python scripts/readme_table.py`. A later lease resumes the rounds from the committed rows; a module
 #     trained anew has its lookahead rows redone by the eval stage (unpack replaces them).
 set -uo pipefail
