@@ -134,10 +134,8 @@ def _sum_stats(per_rank: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------- loss
 
 
-def kl_loss(pred: list[torch.Tensor], truth: torch.Tensor, eps: float = 1e-10,
-            target_power: float = 1.0) -> torch.Tensor:
+def kl_loss(pred: list[torch.Tensor], truth: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """KL(true || predicted) over prompt positions, both normalised to sum 1, mean over batch, layers, heads.
-    With target_power g != 1 the target is truth**g renormalised (same ranking; g < 1 flattens it).
 
     pred: per layer [B, Hq, L] (the lookahead rows' attention); truth: [B, layers, Hq, L] (zeros at pads)."""
     # fp32, or fp64 for a float64 model (the tests'): near the optimum the KL is a small difference of logs, and
@@ -146,11 +144,6 @@ def kl_loss(pred: list[torch.Tensor], truth: torch.Tensor, eps: float = 1e-10,
     p = torch.stack(pred, dim=1).to(dt)
     p = p / p.sum(dim=-1, keepdim=True).clamp_min(eps)
     t = truth.to(dt)
-    if target_power != 1.0:
-        # KL weights each position by its true mass, so ranks 33-64 of the top-64 (~5% of the mass, most of the
-        # recall@64 misses: results/lookahead/recall_limits) get ~5% of the loss; g < 1 gives that tail more.
-        # Pads stay 0 (0**g = 0 for g > 0)
-        t = t.pow(target_power)
     t = t / t.sum(dim=-1, keepdim=True).clamp_min(eps)
     kl = (t * (t.clamp_min(eps).log() - p.clamp_min(eps).log())).sum(dim=-1)
     return kl.mean()
@@ -166,10 +159,9 @@ def _truth_batch(targets: Sequence[Target], length: int, device: torch.device) -
 
 
 def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target], grad: bool,
-               budgets: Sequence[int] = (), target_power: float = 1.0) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+               budgets: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Prefill the (left-padded) prompts without gradients, then the n-row lookahead pass with them. Returns the
-    loss (kl_loss's target_power) and, per budget asked for, each sequence's importance recall against the raw
-    truth (selecting as the method does)."""
+    loss and, per budget asked for, each sequence's importance recall (selecting as the method does)."""
     device = next(model.parameters()).device
     ids, mask = left_pad([t.ids for t in targets])
     with torch.no_grad():
@@ -178,7 +170,7 @@ def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target], grad: 
     truth = _truth_batch(targets, ids.shape[1], device)
     pred = rec.mean()
     with torch.set_grad_enabled(grad):
-        loss = kl_loss(pred, truth, target_power=target_power)
+        loss = kl_loss(pred, truth)
     recall = {}
     if budgets:
         with torch.no_grad():
@@ -223,8 +215,6 @@ class TrainConfig:
     # start from this module's weights (a directory, or "shipped": the model's own) instead of a fresh one, e.g.
     # to train a shipped module further on new prompts; a new optimizer and schedule, its cost added to this one's
     init: str | None = None
-    # fit truth**target_power renormalised (kl_loss): < 1 weights the top-B's low-mass tail more; 1: the paper's KL
-    target_power: float = 1.0
 
     def check(self) -> None:
         for name in ("samples", "epochs", "batch_size", "n", "response_tokens"):
@@ -232,8 +222,6 @@ class TrainConfig:
                 raise LookaheadKVError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.rank < 0 or self.alpha <= 0 or (self.lr is not None and not self.lr > 0) or not 0 <= self.val_share < 1:
             raise LookaheadKVError("need --rank >= 0, --alpha > 0, --lr > 0 and 0 <= --val-share < 1")
-        if not (math.isfinite(self.target_power) and self.target_power > 0):
-            raise LookaheadKVError(f"--target-power must be a finite number > 0, got {self.target_power}")
         world = distributed.world()
         if self.batch_size % world:
             raise LookaheadKVError(f"--batch-size {self.batch_size} is the global batch, split evenly over the {world} "
@@ -368,8 +356,6 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         sched.load_state_dict(state["scheduler"])
     prior_s = log.get("train_seconds", 0.0)  # the training loop's time in earlier processes of this run (resumes)
     fit = cfg.fit_time_limit and cfg.time_limit is not None and "fitted" not in log
-    # passed only when not the default, so batch_loss's stand-ins in the tests keep their signature
-    loss_kw = {"target_power": cfg.target_power} if cfg.target_power != 1.0 else {}
     evals_at = lambda n: {round(n * (k + 1) / cfg.evals) for k in range(cfg.evals)} if cfg.evals else set()  # noqa: E731
     eval_at = evals_at(total)
 
@@ -381,7 +367,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         mine = distributed.shard(val_idx)
         for k in range(0, len(mine), cfg.batch_size):
             ts = [store.get(keys[i]) for i in mine[k:k + cfg.batch_size]]
-            loss, rec = batch_loss(model, mod, ts, grad=False, budgets=BUDGETS, **loss_kw)
+            loss, rec = batch_loss(model, mod, ts, grad=False, budgets=BUDGETS)
             losses.append(float(loss) * len(ts))
             for b in BUDGETS:
                 recalls[b] += rec[b].tolist()
@@ -403,7 +389,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     pending: list[torch.Tensor] = []
     stopped, steps_here, prompts_here, t_fit = False, 0, 0, t1
     flat = [g for batches in per_epoch for g in batches]
-    step_loss = _step_loss(model, mod, device, loss_kw)
+    step_loss = _step_loss(model, mod, device)
     # each rank's part of every global batch (global batches do not depend on the number of processes)
     local = [_rank_part(g) for g in flat]
     for targets in _prefetch(store, keys, iter([[train_idx[j] for j in g] for g, _ in local[step:]])):
@@ -530,17 +516,14 @@ def _rank_part(group: list[int]) -> tuple[list[int], float]:
     return (mine, len(mine) / len(group)) if mine else (group[:1], 0.0)
 
 
-def _step_loss(model, mod: la.LookaheadModule, device: torch.device, loss_kw: dict | None = None):
+def _step_loss(model, mod: la.LookaheadModule, device: torch.device):
     """The training loss of one rank's targets: batch_loss itself in one process; under torchrun through
-    DistributedDataParallel, which all-reduces (averages) the gradients of the embeddings and the LoRA.
-    loss_kw: batch_loss's keyword arguments (target_power)."""
-    loss_kw = loss_kw or {}
+    DistributedDataParallel, which all-reduces (averages) the gradients of the embeddings and the LoRA."""
     if distributed.world() == 1:
-        return lambda targets: batch_loss(model, mod, targets, grad=True, **loss_kw)[0]
+        return lambda targets: batch_loss(model, mod, targets, grad=True)[0]
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = DistributedDataParallel(_Trainable(model, mod, loss_kw),
-                                  device_ids=[device.index] if device.type == "cuda" else None,
+    ddp = DistributedDataParallel(_Trainable(model, mod), device_ids=[device.index] if device.type == "cuda" else None,
                                   find_unused_parameters=True)  # the last layer's v, o and MLP LoRA get no gradient
     return lambda targets: ddp(_Targets(targets))
 
@@ -556,13 +539,12 @@ class _Trainable(torch.nn.Module):
     """What DDP wraps: only the trainable tensors (the embeddings and the LoRA layers), so the frozen base
     model is neither broadcast nor checked at the start; forward is the training loss of a batch."""
 
-    def __init__(self, model, mod: la.LookaheadModule, loss_kw: dict):
+    def __init__(self, model, mod: la.LookaheadModule):
         super().__init__()
         self.embeddings = mod.embeddings
         self.lora = torch.nn.ModuleList(d[la.ADAPTER] for layer in la._lora_layers(model)
                                         for d in (layer.lora_A, layer.lora_B))
-        # the model stays unregistered
-        self._loss = lambda targets: batch_loss(model, mod, targets, grad=True, **loss_kw)[0]
+        self._loss = lambda targets: batch_loss(model, mod, targets, grad=True)[0]  # the model stays unregistered
 
     def forward(self, batch: _Targets) -> torch.Tensor:
         return self._loss(batch.targets)
@@ -633,20 +615,17 @@ def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signat
                    "learning rate's decay completes and a module is written")
 @click.option("--init", help="start from this module's weights (DIR, or `shipped`: the model's shipped module), "
                              "e.g. to train it further on new prompts")
-@click.option("--target-power", default=1.0, show_default=True,
-              help="fit the target raised to this power, renormalised (<1 weights the tail of the top-B; 1: the "
-                   "paper's KL)")
 @click.option("--device", default="cpu", show_default=True)
 def train_command(model_name, out, prompts_file, samples, min_tokens, max_tokens, families, response_tokens, epochs,
                   batch_size, lr, n_tokens, rank, alpha, seed, targets_dir, collect_batch_tokens, checkpoint_every,
-                  evals, resume, collect_time_limit, time_limit, fit_time_limit, init, target_power, device):
+                  evals, resume, collect_time_limit, time_limit, fit_time_limit, init, device):
     """Train a lookahead module (embeddings + LoRA) for a model and write it to OUT."""
     from .models import load_model
 
     cfg = TrainConfig(samples, min_tokens, max_tokens, tuple(f for f in families.split(",") if f), response_tokens,
                       epochs, batch_size, lr, n_tokens, rank, alpha, seed, checkpoint_every=checkpoint_every,
                       evals=evals, collect_batch_tokens=collect_batch_tokens, collect_time_limit=collect_time_limit,
-                      time_limit=time_limit, fit_time_limit=fit_time_limit, init=init, target_power=target_power)
+                      time_limit=time_limit, fit_time_limit=fit_time_limit, init=init)
     cfg.check()
     device = distributed.device_for(device)
     ids = fams = options = None

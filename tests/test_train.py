@@ -2,7 +2,6 @@
 the content-hash store, loss, one step, a whole run, resume, and the refusals."""
 
 import json
-import math
 import types
 
 import pytest
@@ -147,54 +146,6 @@ def test_kl_loss_matches_a_reference_and_is_zero_at_the_truth():
     assert float(tr.kl_loss([truth[:, i] * 3 for i in range(3)], truth)) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_target_power_one_is_the_papers_kl_and_other_powers_fit_the_flattened_truth():
-    g = torch.Generator().manual_seed(3)
-    truth = torch.rand(2, 3, 4, 10, generator=g, dtype=torch.float64) ** 4  # peaked, as attention is
-    truth[1, ..., :3] = 0  # left padding
-    pred = [torch.rand(2, 4, 10, generator=g, dtype=torch.float64) for _ in range(3)]
-    for dt in (torch.float32, torch.float64):  # fp32: the models' path; fp64: the tests'
-        pr, tt = [x.to(dt) for x in pred], truth.to(dt)
-        # the loss before target_power existed, line for line
-        p = torch.stack(pr, dim=1)
-        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-10)
-        t = tt / tt.sum(dim=-1, keepdim=True).clamp_min(1e-10)
-        old = (t * (t.clamp_min(1e-10).log() - p.clamp_min(1e-10).log())).sum(dim=-1).mean()
-        assert torch.equal(tr.kl_loss(pr, tt, target_power=1.0), old)
-        assert torch.equal(tr.kl_loss(pr, tt), old)
-    # g = 0.5 against a hand computation in Python floats: t_i = truth_i**0.5 / sum_j truth_j**0.5
-    terms = []
-    for b in range(2):
-        for layer in range(3):
-            for h in range(4):
-                tv = [float(x) ** 0.5 for x in truth[b, layer, h]]
-                pv = [float(x) for x in pred[layer][b, h]]
-                ts, ps = sum(tv), sum(pv)
-                terms.append(sum(a / ts * (math.log(a / ts) - math.log(c / ps)) for a, c in zip(tv, pv) if a > 0))
-    got = tr.kl_loss(pred, truth, target_power=0.5)
-    assert got.dtype == torch.float64 and abs(got.item() - sum(terms) / len(terms)) < 1e-12
-    assert abs(got.item() - tr.kl_loss(pred, truth).item()) > 1e-3  # it is another loss
-    # still zero where the prediction is the flattened truth, whatever the truth's scale
-    flat = [truth[:, i] ** 0.5 * 7 for i in range(3)]
-    assert tr.kl_loss(flat, truth * 3, target_power=0.5).item() == pytest.approx(0.0, abs=1e-12)
-
-
-def test_target_power_changes_the_loss_not_the_recall():
-    model = tiny_model()
-    targets = collect_batch(model, sorted(prompts(4, seed=1), key=len), 8, set())
-    mod = la.create(model, n=4, rank=4, alpha=8)
-    one, rec_one = tr.batch_loss(model, mod, targets, grad=False, budgets=(4, 8))
-    same, _ = tr.batch_loss(model, mod, targets, grad=False, target_power=1.0)
-    half, rec_half = tr.batch_loss(model, mod, targets, grad=False, budgets=(4, 8), target_power=0.5)
-    assert torch.equal(one, same) and not torch.equal(one, half)
-    assert all(torch.equal(rec_one[b], rec_half[b]) for b in (4, 8))  # recall is judged on the raw truth
-
-
-@pytest.mark.parametrize("power", [0.0, -0.5, float("nan"), float("inf")])
-def test_a_target_power_that_is_not_positive_is_refused(power):
-    with pytest.raises(LookaheadKVError, match="--target-power must be a finite number > 0"):
-        tr.TrainConfig(target_power=power).check()
-
-
 def test_batched_recall_equals_the_one_sequence_form_and_ignores_pads():
     g = torch.Generator().manual_seed(1)
     truth = torch.rand(2, 3, 4, 30, generator=g)
@@ -285,12 +236,12 @@ def interrupt_at(monkeypatch, k):
     """tr.batch_loss raising KeyboardInterrupt at the k-th training step; returns the real one."""
     real, calls = tr.batch_loss, {"n": 0}
 
-    def interrupted(model, mod, targets, grad, budgets=(), **kw):
+    def interrupted(model, mod, targets, grad, budgets=()):
         if grad:
             calls["n"] += 1
             if calls["n"] == k:
                 raise KeyboardInterrupt
-        return real(model, mod, targets, grad, budgets, **kw)
+        return real(model, mod, targets, grad, budgets)
 
     monkeypatch.setattr(tr, "batch_loss", interrupted)
     return real
@@ -355,27 +306,6 @@ def test_a_resume_with_other_options_is_refused(tmp_path, monkeypatch):
     run(tiny_model(), tmp_path / "m", config(time_limit=0.0))
     with pytest.raises(LookaheadKVError, match="other n, rank"):
         run(tiny_model(), tmp_path / "m", config(n=6, rank=2))
-    with pytest.raises(LookaheadKVError, match="other target_power"):
-        run(tiny_model(), tmp_path / "m", config(target_power=0.5))
-
-
-def test_a_target_power_run_is_recorded_and_resumes_to_the_uninterrupted_module(tmp_path, monkeypatch):
-    whole = tiny_model()
-    info = run(whole, tmp_path / "a", config(target_power=0.5))
-    assert info["config"]["target_power"] == 0.5
-    assert json.loads((tmp_path / "a" / "lookahead.json").read_text())["training"]["config"]["target_power"] == 0.5
-    assert json.loads((tmp_path / "a" / "train_log.json").read_text())["training"]["config"]["target_power"] == 0.5
-    base = run(tiny_model(), tmp_path / "c", targets_dir=tmp_path / "a" / "targets")
-    assert base["config"]["target_power"] == 1.0
-    assert base["validation"]["untrained"]["recall@64"] == info["validation"]["untrained"]["recall@64"]
-    assert base["validation"]["untrained"]["loss"] != info["validation"]["untrained"]["loss"]
-    real = interrupt_at(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_model(), tmp_path / "b", config(target_power=0.5))
-    monkeypatch.setattr(tr, "batch_loss", real)
-    resumed = tiny_model()
-    run(resumed, tmp_path / "b", config(target_power=0.5))
-    assert torch.equal(resumed._lookahead_module.embeddings, whole._lookahead_module.embeddings)
 
 
 def test_lookahead_tokens_without_a_lora_train_and_load(tmp_path):
@@ -402,7 +332,6 @@ def test_prompt_files_round_trip(tmp_path):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--lr", "0"], "--lr > 0"),
-    (["--target-power", "0"], "--target-power must be a finite number > 0"),
 ])
 def test_train_refuses_bad_options_in_one_line(tmp_path, args, message):
     res = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "m"), *args])
