@@ -128,10 +128,7 @@ def _evict(model, pf: Prefill, method: Method, budget: int | float, parts: dict[
         _sync(model)
         parts["score"] = time.perf_counter() - t - sum(parts.values())  # the method's own parts stand apart
         t = time.perf_counter()
-        budgets = scoring.layer_budgets(b, n_layers, pf.length, method.policy, method.floor())
-        lowest = window_slots(kvcache.windows(pf.cache), pf.length)
-        budgets = [min(k, pf.length - lo) for k, lo in zip(budgets, lowest)]
-        kept = scoring.select(scores, budgets, pf.valid, method.forced(pf), lowest)
+        kept = select_kept(model, pf, method, b, scores)
         _sync(model)
         parts["select"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -143,6 +140,16 @@ def _evict(model, pf: Prefill, method: Method, budget: int | float, parts: dict[
     _sync(model)
     return Eviction(method.name, min(b, pf.length), pf.length, kvcache.kv_lengths(pf.cache), full,
                     kvcache.kv_bytes(pf.cache), key_valid, kept, time.perf_counter() - t0, parts)
+
+
+def select_kept(model, pf: Prefill, method: Method, budget: int, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The select step: per layer [B, Hkv, k] the positions `method` keeps at `budget` by `scores` (its per-layer
+    budgets, forced positions and, on sliding layers, only the slots the next row can see). For the scripts that
+    judge a selection without compacting."""
+    budgets = scoring.layer_budgets(budget, count_layers(model), pf.length, method.policy, method.floor())
+    lowest = window_slots(kvcache.windows(pf.cache), pf.length)
+    budgets = [min(k, pf.length - lo) for k, lo in zip(budgets, lowest)]
+    return scoring.select(scores, budgets, pf.valid, method.forced(pf), lowest)
 
 
 def window_slots(windows: list[int | None], length: int) -> list[int]:

@@ -31,7 +31,7 @@ from lookaheadkv import train as tr
 from lookaheadkv.collect import collect_batch, eos_ids, prompt_key
 from lookaheadkv.decode import Sampling, decode
 from lookaheadkv.evaluation.metrics import mean_ci, token_f1
-from lookaheadkv.generate import build_prompt, evict
+from lookaheadkv.generate import build_prompt, evict, select_kept
 from lookaheadkv.importance import recall_per_sequence
 from lookaheadkv.methods import get_method
 from lookaheadkv.models import load_model
@@ -46,12 +46,10 @@ GRID = [dict(pooling=p, kernel=k, window=w, keep_window=w > 0)
 
 def kept_for(model, pf, m, glimpse, budget):
     """Kept indices per layer for method m (scores from `glimpse` when given), as evict() would select."""
-    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
     valid = pf.valid if pf.padded else None
-    scores = (scoring.score(glimpse, n_kv, m.pooling, m.kernel, m.gqa, valid) if glimpse is not None
-              else m.scores(model, pf))
-    budgets = scoring.layer_budgets(budget, n_layers, pf.length, m.policy, m.floor())
-    return scoring.select(scores, budgets, pf.valid, m.forced(pf))
+    scores = (scoring.score(glimpse, model.config.num_key_value_heads, m.pooling, m.kernel, m.gqa, valid)
+              if glimpse is not None else m.scores(model, pf))
+    return select_kept(model, pf, m, budget, scores)
 
 
 def recall_rows(model, pf, truth, kept, budget):

@@ -33,7 +33,7 @@ from lookaheadkv import scoring
 from lookaheadkv.cache import crop
 from lookaheadkv.decode import Sampling, decode
 from lookaheadkv.evaluation.metrics import mean_ci
-from lookaheadkv.generate import build_prompt
+from lookaheadkv.generate import build_prompt, select_kept
 from lookaheadkv.importance import recall_per_sequence, true_importance
 from lookaheadkv.methods import Method, parse_methods
 from lookaheadkv.models import load_model
@@ -91,10 +91,8 @@ def kv_view(per_layer: list[torch.Tensor], n_kv: int) -> torch.Tensor:
 
 def kept_of(model, pf: Prefill, m: Method, glimpse: Truth, budget: int) -> list[torch.Tensor | None]:
     """Kept positions per layer as evict() selects them for method m scoring `glimpse`."""
-    n_kv, n_layers = model.config.num_key_value_heads, model.config.num_hidden_layers
-    scores = scoring.score(glimpse, n_kv, m.pooling, m.kernel, m.gqa)
-    budgets = scoring.layer_budgets(budget, n_layers, pf.length, m.policy, m.floor())
-    return scoring.select(scores, budgets, pf.valid, m.forced(pf))
+    scores = scoring.score(glimpse, model.config.num_key_value_heads, m.pooling, m.kernel, m.gqa)
+    return select_kept(model, pf, m, budget, scores)
 
 
 def detail(truth_kv: torch.Tensor, kept: list[torch.Tensor | None], budget: int) -> dict[str, torch.Tensor]:
