@@ -186,6 +186,9 @@ def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target], grad: 
 # ---------------------------------------------------------------------------------------------- the run
 
 
+LR = 3e-3  # the default learning rate of a fresh module
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a run's result (a resume must be given the same)."""
@@ -197,7 +200,7 @@ class TrainConfig:
     response_tokens: int = 256
     epochs: int = 2
     batch_size: int = 16
-    lr: float | None = None  # None: 3e-3, or for a warm start where its module's schedule ended (warm_start_lr)
+    lr: float | None = None  # None: LR, or for a warm start where its module's schedule ended (warm_start_lr)
     n: int = 32
     rank: int = 8
     alpha: int = 32
@@ -283,7 +286,7 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     cfg.check()
     init, init_meta = _init_module(model, cfg)
     if cfg.lr is None:
-        cfg = replace(cfg, lr=warm_start_lr(init_meta) if init else 3e-3)
+        cfg = replace(cfg, lr=warm_start_lr(init_meta) if init else LR)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -574,7 +577,7 @@ def warm_start_lr(meta: dict) -> float:
     moments at the full 3e-3 undid a trained module (2026-12-02, Qwen2.5-Coder-1.5B: validation recall@64 0.775 at
     the start, 0.630 after 42 steps, 0.744 after 168; results/train/qwen2.5-coder-1.5b-instruct_h200/runs/)."""
     c = (meta.get("training") or {}).get("config") or {}
-    return float(c.get("lr") or 3e-3) * float(c.get("final_lr", 0.1))
+    return float(c.get("lr") or LR) * float(c.get("final_lr", 0.1))
 
 
 def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signature: dict) -> None:

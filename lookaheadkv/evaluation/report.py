@@ -141,17 +141,19 @@ def shared_samples(rows: Sequence[dict]) -> list[dict]:
     a family and length (the first ones, in row order), so that a family's mean weighs its tasks alike, as RULER's
     mean of its tasks does."""
     have: dict = defaultdict(lambda: defaultdict(set))
-    order: dict = defaultdict(dict)  # (task, length) -> sample -> first position, as insertion order
+    order: dict = defaultdict(dict)  # (task, length) -> its samples in row order (a dict keeps insertion order)
+    family = {}
     for r in rows:
-        have[(r["task"], r["length"])][r["method"]].add(r["sample"])
-        order[(r["task"], r["length"])].setdefault(r["sample"], None)
-    shared = {k: [s for s in order[k] if all(s in v for v in per.values())] for k, per in have.items()}
-    family = {(r["task"], r["length"]): r["family"] for r in rows}
+        k = (r["task"], r["length"])
+        have[k][r["method"]].add(r["sample"])
+        order[k][r["sample"]] = None
+        family[k] = (r["family"], r["length"])
+    common = {k: set.intersection(*per.values()) for k, per in have.items()}
+    shared = {k: [s for s in order[k] if s in common[k]] for k in have}
     least: dict = {}
     for k, samples in shared.items():
-        f = (family[k], k[1])
-        least[f] = min(least.get(f, len(samples)), len(samples))
-    keep = {k: set(samples[:least[(family[k], k[1])]]) for k, samples in shared.items()}
+        least[family[k]] = min(least.get(family[k], len(samples)), len(samples))
+    keep = {k: set(samples[:least[family[k]]]) for k, samples in shared.items()}
     return [r for r in rows if r["sample"] in keep[(r["task"], r["length"])]]
 
 
