@@ -188,3 +188,19 @@ def test_the_pipeline_profiles_resolve_per_model(tmp_path):
     assert "speckv" in q15["COST_METHODS"] and "lookahead" in q15["COST_METHODS"]
     q05 = plan("qwen2.5-coder-0.5b-instruct", TARGETS_LIMIT="60")
     assert "speckv" not in q05["COMPARE_METHODS"] + q05["COST_METHODS"] and q05["TARGETS_LIMIT"] == "60"
+
+
+def test_a_warm_start_below_its_start_is_not_shipped():
+    import sys
+
+    sys.path.insert(0, str(GPU))
+    import ship_module
+
+    def record(start, end, init=True):
+        return {"validation": {"untrained": {"recall@64": start}, "final": {"recall@64": end}},
+                "cost": {"init": {"steps": 82}} if init else {}}
+
+    assert ship_module.below_start(record(0.775, 0.744))  # the 1.5B's warm start of 2026-12-02
+    assert not ship_module.below_start(record(0.775, 0.80))
+    assert not ship_module.below_start(record(0.66, 0.60, init=False))  # a fresh run starts from nothing kept
+    assert not ship_module.below_start({"cost": {"init": {"steps": 82}}})  # no validation: nothing to judge by

@@ -41,7 +41,7 @@ if [ ${#results[@]} -gt 0 ]; then
   if [ ${#rows[@]} -gt 0 ]; then (cd "$D" && tar czf "$tmp/rows.tgz" "${rows[@]}") && put "$tmp/rows.tgz"; fi
 fi
 for m in "$D"/*/work/main_bf16; do
-  [ -f "$m/lookahead.json" ] || continue
+  [ -f "$m/lookahead.json" ] && [ ! -f "$m/BELOW_START" ] || continue  # a warm start below its start stays here
   model=$(basename "$(dirname "$(dirname "$m")")")
   tar cf "$tmp/module-$model.tar" -C "$(dirname "$m")" main_bf16 && put "$tmp/module-$model.tar"
 done

@@ -210,8 +210,9 @@ st_main() {
 st_bf16() {  # the module in bf16, as shipped; a time-stopped run's checkpoint, its log saying so
   logrun "$R/bf16.log" python3 "$CODE/scripts/gpu/ship_module.py" --model "$MODEL" --run "$W/main" \
     --out "$W/main_bf16" --device "$DEVICE" || return 1
-  if [ "$CODE" = "$D/code" ]; then  # into start.sh's snapshot: `lookahead` finds it by identity, as once shipped
-    rm -rf "$CODE/lookaheadkv/modules/$MODEL" && cp -r "$W/main_bf16" "$CODE/lookaheadkv/modules/$MODEL"
+  # a warm start that ended below its start (ship_module.py's BELOW_START) leaves the snapshot's module as it was
+  if [ "$CODE" = "$D/code" ] && [ ! -f "$W/main_bf16/BELOW_START" ]; then  # into start.sh's snapshot: `lookahead`
+    rm -rf "$CODE/lookaheadkv/modules/$MODEL" && cp -r "$W/main_bf16" "$CODE/lookaheadkv/modules/$MODEL"  # finds it
   fi
 }
 st_recall() {
@@ -251,7 +252,11 @@ sys.stdout.writelines(x for x in sys.stdin if json.loads(x)["method"] not in dro
   gzip -f "$R/$name"/*.jsonl 2>/dev/null
   return $rc
 }
-st_eval() { FRESH=$EVAL_METHODS rounds eval "$EVAL_METHODS" "$EVAL_LIMIT"; }  # the module just trained: its rows anew
+st_eval() {  # the module just trained: its rows anew (unless it was not kept: the committed rows stand)
+  local fresh=$EVAL_METHODS
+  [ -f "$W/main_bf16/BELOW_START" ] && fresh=""
+  FRESH=$fresh rounds eval "$EVAL_METHODS" "$EVAL_LIMIT"
+}
 st_compare() {
   [[ $COMPARE_METHODS == *"draft_model=$DRAFT"* ]] && { wait_model "$DRAFT" || return 1; }
   rounds compare "$COMPARE_METHODS" "$COMPARE_LIMIT"

@@ -6,7 +6,9 @@ lookahead.json, train_log.json beside it.
 
 A run its time limit stopped wrote no module, only its last checkpoint and train_log.json: that checkpoint is
 shipped then, with the log's record (which says `stopped_by_time_limit` and the steps made of those planned).
-Copy the result to lookaheadkv/modules/<model>/ to ship it: it is found there by the model's identity.
+Copy the result to lookaheadkv/modules/<model>/ to ship it: it is found there by the model's identity. A warm start
+(`train --init`) that ended below its start on validation recall@64 gets a BELOW_START file beside it: the pipeline
+then keeps the module it started from (its snapshot, its evaluation rows, what comes back).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ def pick(run: Path) -> tuple[Path, dict]:
     if (run / "checkpoint" / "lookahead.json").exists():
         return run / "checkpoint", log.get("training", {})
     raise SystemExit(f"{run} holds no module and no checkpoint")
+
+
+def below_start(training: dict) -> bool:
+    """A warm start whose validation recall@64 ended below where it began (its starting module's)."""
+    v = training.get("validation") or {}
+    start, end = (v.get(k, {}).get("recall@64") for k in ("untrained", "final"))
+    return bool((training.get("cost") or {}).get("init")) and None not in (start, end) and end < start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,10 +55,16 @@ def main(argv: list[str] | None = None) -> None:
     la.save(model, mod, a.out, training=training, dtype=torch.bfloat16)
     if (a.run / "train_log.json").exists():
         shutil.copy(a.run / "train_log.json", a.out / "train_log.json")
+    (a.out / "BELOW_START").unlink(missing_ok=True)
+    if below_start(training):
+        v = training["validation"]
+        (a.out / "BELOW_START").write_text(f"validation recall@64 {v['untrained']['recall@64']:.4f} at the start, "
+                                           f"{v['final']['recall@64']:.4f} at the end\n")
     cost = training.get("cost", {})
     print(f"{a.out}: from {src}; cost {cost.get('total_s')} s ({cost.get('targets_s')} s targets, "
           f"{cost.get('training_s')} s training) on {cost.get('hardware')}, {cost.get('prompts_trained')} prompts"
-          f"{'; STOPPED by its time limit' if training.get('optimisation', {}).get('stopped_by_time_limit') else ''}")
+          f"{'; STOPPED by its time limit' if training.get('optimisation', {}).get('stopped_by_time_limit') else ''}"
+          f"{'; BELOW ITS START (not shipped)' if below_start(training) else ''}")
 
 
 if __name__ == "__main__":
