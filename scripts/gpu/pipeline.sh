@@ -265,8 +265,10 @@ st_cost() {
   local draft=() others rc
   [[ $COST_METHODS == *speckv* ]] && { wait_model "$DRAFT" && draft=(--draft-model "$DRAFT"); }
   # Timings need the GPU alone: the other lanes' GPU processes are paused (SIGSTOP) while it runs (on
-  # 2026-12-02 four jobs time-sliced the GPU and each ran at a quarter of its speed)
-  others=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ' | paste -sd' ')
+  # 2026-12-02 four jobs time-sliced the GPU and each ran at a quarter of its speed), and so are the lanes' jobs
+  # not yet on the GPU (a lane started seconds before was still loading its model, and ran beside the benchmark)
+  others=$({ nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' '
+             pgrep -f "^([^ ]*/)?python3 (-c from lookaheadkv\.cli|$CODE/scripts/)"; } | sort -u | paste -sd' ')
   # shellcheck disable=SC2086
   [ -n "$others" ] && kill -STOP $others 2>/dev/null && echo "paused for the benchmark: $others"
   logrun "$R/cost.log" timeout "$(left "$COST_LIMIT")" python3 -c "from lookaheadkv.cli import main; main()" bench \
