@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     if (a.run / "train_log.json").exists():
         shutil.copy(a.run / "train_log.json", a.out / "train_log.json")
     (a.out / "BELOW_START").unlink(missing_ok=True)
-    if below_start(training):
+    below = below_start(training)
+    if below:
         v = training["validation"]
         (a.out / "BELOW_START").write_text(f"validation recall@64 {v['untrained']['recall@64']:.4f} at the start, "
                                            f"{v['final']['recall@64']:.4f} at the end\n")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{a.out}: from {src}; cost {cost.get('total_s')} s ({cost.get('targets_s')} s targets, "
           f"{cost.get('training_s')} s training) on {cost.get('hardware')}, {cost.get('prompts_trained')} prompts"
           f"{'; STOPPED by its time limit' if training.get('optimisation', {}).get('stopped_by_time_limit') else ''}"
-          f"{'; BELOW ITS START (not shipped)' if below_start(training) else ''}")
+          f"{'; BELOW ITS START (not shipped)' if below else ''}")
 
 
 if __name__ == "__main__":
