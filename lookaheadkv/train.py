@@ -31,6 +31,7 @@ from pathlib import Path
 
 import click
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed, scoring
@@ -149,25 +150,49 @@ def kl_loss(pred: list[torch.Tensor], truth: torch.Tensor, eps: float = 1e-10) -
     return kl.mean()
 
 
+@dataclass
+class Batch:
+    """A training batch assembled on the host: left-padded ids and mask, and the truth [B, layers, Hq, L] in the
+    store's dtype (zeros at pads). Built in the prefetch thread, in pinned memory when it goes to a GPU, so a step
+    issues three asynchronous copies: a copy from pageable memory first waits for the GPU's queue to drain, which
+    the truth's 16 per-prompt copies did in the middle of every step."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    truth: torch.Tensor
+
+    @staticmethod
+    def of(targets: Sequence[Target], pin: bool = False) -> Batch:
+        ids, mask = left_pad([t.ids for t in targets])
+        layers, hq, length = targets[0].truth.shape[0], targets[0].truth.shape[1], ids.shape[1]
+        truth = torch.zeros((len(targets), layers, hq, length), dtype=targets[0].truth.dtype, pin_memory=pin)
+        for i, t in enumerate(targets):
+            truth[i, ..., length - t.truth.shape[-1]:] = t.truth
+        if pin:
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        return Batch(ids, mask, truth)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
 def _truth_batch(targets: Sequence[Target], length: int, device: torch.device) -> torch.Tensor:
     """[B, layers, Hq, length] fp32 on the device, left-padded with zeros."""
-    layers, hq = targets[0].truth.shape[:2]
-    truth = torch.zeros((len(targets), layers, hq, length), dtype=torch.float32, device=device)
-    for i, t in enumerate(targets):
-        truth[i, ..., length - t.truth.shape[-1]:] = t.truth.to(device, non_blocking=True)
-    return truth
+    truth = Batch.of(targets).truth
+    return F.pad(truth, (length - truth.shape[-1], 0)).to(device).float()
 
 
-def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target], grad: bool,
+def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target] | Batch, grad: bool,
                budgets: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Prefill the (left-padded) prompts without gradients, then the n-row lookahead pass with them. Returns the
     loss and, per budget asked for, each sequence's importance recall (selecting as the method does)."""
     device = next(model.parameters()).device
-    ids, mask = left_pad([t.ids for t in targets])
+    batch = targets if isinstance(targets, Batch) else Batch.of(targets, pin=device.type == "cuda")
+    ids, mask, truth = (x.to(device, non_blocking=True) for x in (batch.ids, batch.mask, batch.truth))
     with torch.no_grad():
-        pf = prefill(model, ids.to(device), mask.to(device))
+        pf = prefill(model, ids, mask)
     rec = la.lookahead_pass(model, mod, pf, grad=grad)
-    truth = _truth_batch(targets, ids.shape[1], device)
+    truth = truth.float()
     pred = rec.mean()
     with torch.set_grad_enabled(grad):
         loss = kl_loss(pred, truth)
@@ -253,10 +278,10 @@ def _epoch_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
     return groups
 
 
-def _prefetch(store: TargetStore, keys: list[str], batches: Iterator[list[int]]) -> Iterator[list[Target]]:
-    """Targets of each batch, read from the store one batch ahead (a thread reads while the GPU trains)."""
+def _prefetch(store: TargetStore, keys: list[str], batches: Iterator[list[int]], pin: bool) -> Iterator[Batch]:
+    """Each batch read from the store and assembled one batch ahead (a thread works while the GPU trains)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        load = lambda group: [store.get(keys[i]) for i in group]  # noqa: E731
+        load = lambda group: Batch.of([store.get(keys[i]) for i in group], pin)  # noqa: E731
         nxt = None
         for group in batches:
             cur, nxt = nxt, pool.submit(load, group)
@@ -395,7 +420,8 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     step_loss = _step_loss(model, mod, device)
     # each rank's part of every global batch (global batches do not depend on the number of processes)
     local = [_rank_part(g) for g in flat]
-    for targets in _prefetch(store, keys, iter([[train_idx[j] for j in g] for g, _ in local[step:]])):
+    for targets in _prefetch(store, keys, iter([[train_idx[j] for j in g] for g, _ in local[step:]]),
+                             device.type == "cuda"):
         if step >= total:  # a schedule fitted to the time limit is complete
             break
         if cfg.time_limit is not None and distributed.any_rank(time.perf_counter() - t1 > cfg.time_limit):
@@ -534,7 +560,7 @@ def _step_loss(model, mod: la.LookaheadModule, device: torch.device):
 class _Targets:
     """A batch's targets, opaque to DDP (which would otherwise copy every tensor inside to the device)."""
 
-    def __init__(self, targets: list[Target]):
+    def __init__(self, targets: list[Target] | Batch):
         self.targets = targets
 
 

@@ -182,6 +182,25 @@ def test_one_training_step_lowers_the_loss_on_that_batch():
     assert after.item() < before.item()
 
 
+def test_a_host_assembled_batch_is_the_targets_left_padded():
+    """The prefetch thread's Batch: each prompt's ids and truth at the right end, zeros and False before them, the
+    truth in the store's dtype; its loss is the one batch_loss computes from the targets themselves."""
+    model = tiny_model()
+    targets = [t for t in collect_batch(model, sorted(prompts(3, seed=4), key=len), 4, set()) if t is not None]
+    for t in targets:
+        t.truth = t.truth.half()
+    b = tr.Batch.of(targets)
+    length = max(len(t.ids) for t in targets)
+    assert b.truth.dtype == torch.float16 and b.truth.shape[-1] == length == b.ids.shape[1] and len(b) == len(targets)
+    for i, t in enumerate(targets):
+        pad = length - len(t.ids)
+        assert torch.equal(b.ids[i, pad:], t.ids) and not b.mask[i, :pad].any() and b.mask[i, pad:].all()
+        assert torch.equal(b.truth[i, ..., pad:], t.truth) and not b.truth[i, ..., :pad].any()
+    mod = la.create(model, n=4, rank=4, alpha=8)
+    loss = tr.batch_loss(model, mod, b, grad=False)[0].item()
+    assert loss == tr.batch_loss(model, mod, targets, grad=False)[0].item()
+
+
 def config(**kw):
     args = dict(samples=10, epochs=2, batch_size=2, lr=1e-2, n=4, rank=4, alpha=8, response_tokens=6,
                 val_share=0.3, checkpoint_every=2, evals=2)
@@ -367,8 +386,12 @@ def test_the_trainer_benchmark_reports_what_it_ran(tmp_path):
     text = markdown({"model": "tiny", "hardware": "cpu", "min_tokens": 20, "max_tokens": 48, "collection": coll,
                      "reference": ref, "generate": gen, "training": steps, "forms": list(forms.values())})
     assert "| lookaheadkv.collect" in text and "top-8 + even rest" in text and "| ratio" in text
-    tables = profile_tables(model, mod, targets, ids, 5, 2, set(), steps=2)
-    assert tables["collect"].startswith("# collect_batch: 6 prompts") and "aten::" in tables["collect"]
+    from lookaheadkv.collect import plan_batches
+
+    biggest = max(len(g) for g in plan_batches([len(x) for x in ids], 5, 200))  # the collector's largest batch
+    tables = profile_tables(model, mod, targets, ids, 5, 2, set(), 200, steps=2)
+    assert tables["collect"].startswith(f"# collect_batch: {biggest} prompts") and "aten::" in tables["collect"]
+    assert "; wall " in tables["collect"].splitlines()[0] and "; wall " in tables["train"].splitlines()[0]
     assert tables["train"].startswith("# 2 training steps at batch 2") and "autograd" in tables["train"].lower()
 
 

@@ -28,7 +28,7 @@ import torch
 from .. import lookahead as la
 from ..collect import collect_batch, eos_ids, plan_batches, tokens_that_fit
 from ..errors import LookaheadKVError
-from ..train import batch_loss, hardware, kl_loss, left_pad
+from ..train import Batch, batch_loss, hardware, kl_loss, left_pad
 from ..train_data import FAMILIES, load_prompts, training_prompts
 from .timing import Clock
 
@@ -157,7 +157,8 @@ def bench_steps(model, targets: list, batch: int, steps: int, warmup: int = 3) -
     mod = la.create(model, 32, 8, 32)
     for p in mod.parameters(model):
         p.requires_grad_(True)
-    groups = _length_groups(targets, batch)
+    # assembled before the clock, in pinned memory on a GPU: the trainer's prefetch thread does this beside the steps
+    groups = [Batch.of(g, pin=device.type == "cuda") for g in _length_groups(targets, batch)]
     step = _training_step(model, mod)
     for k in range(warmup):
         step(groups[k % len(groups)])
@@ -168,7 +169,7 @@ def bench_steps(model, targets: list, batch: int, steps: int, warmup: int = 3) -
     for k in range(steps):
         g = groups[k % len(groups)]
         step(g)
-        tokens += sum(len(t.ids) for t in g)
+        tokens += int(g.mask.sum())
     s = clock.lap()
     out = {"batch": batch, "steps": steps, "seconds": s, "steps_per_s": steps / s, "prompts_per_s": steps * batch / s,
            "prompt_tokens_mean": tokens / (steps * batch)}
@@ -207,34 +208,45 @@ def bench_forms(model, mod, targets: list, n: int = 64, ks=(256, 512, 1024)) -> 
             for k, v in rows.items()]
 
 
+def _busy(prof, wall: float, cuda: bool) -> str:
+    """The profiled region's wall time and, on a GPU, the share of it its kernels kept the device busy: near 100%
+    the loop is bound by the GPU's work, far below by the host issuing it."""
+    if not cuda:
+        return f"wall {wall:.2f} s"
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    return f"wall {wall:.2f} s, device kernels {kernels:.2f} s ({100 * kernels / wall:.0f}% busy)"
+
+
 def profile_tables(model, mod: la.LookaheadModule, targets: list, ids: list[torch.Tensor], cap: int, batch: int,
-                   eos: set[int], steps: int = 5, rows: int = 30) -> dict[str, str]:
-    """Operator tables (torch.profiler) for one collection batch of up to 64 prompts and `steps` training steps,
-    sorted by self time on the device (CUDA) or the CPU."""
+                   eos: set[int], budget: int, steps: int = 5, rows: int = 30) -> dict[str, str]:
+    """Operator tables (torch.profiler) for one collection batch as the collector plans it at `budget` buffer
+    tokens and `steps` training steps, sorted by self time on the device (CUDA) or the CPU, each headed by its
+    wall time and how busy it kept the device."""
     from torch.profiler import ProfilerActivity, profile
 
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    part = sorted(ids[:64], key=len)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    part = [ids[i] for i in max(plan_batches([len(x) for x in ids], cap, budget), key=len)]
     collect_batch(model, part[:4], 8, eos)  # warm-up
     out = {}
     with profile(activities=activities) as prof:
+        clock = Clock(device)
         collect_batch(model, part, cap, eos)
-        if cuda:
-            torch.cuda.synchronize(device)
+        wall = clock.lap()
     out["collect"] = (f"# collect_batch: {len(part)} prompts (mean {sum(map(len, part)) / len(part):.0f} tokens), "
-                      f"cap {cap}\n\n" + prof.key_averages().table(sort_by=key, row_limit=rows))
-    groups = _length_groups(targets, batch)
+                      f"cap {cap}; {_busy(prof, wall, cuda)}\n\n"
+                      + prof.key_averages().table(sort_by=key, row_limit=rows))
+    groups = [Batch.of(g, pin=cuda) for g in _length_groups(targets, batch)]
     step = _training_step(model, mod)  # on the module bench_steps trained
     step(groups[0])  # warm-up: AdamW makes its state
     with profile(activities=activities) as prof:
+        clock = Clock(device)
         for k in range(steps):
             step(groups[k % len(groups)])
-        if cuda:
-            torch.cuda.synchronize(device)
-    out["train"] = (f"# {steps} training steps at batch {batch}\n\n"
+        wall = clock.lap()
+    out["train"] = (f"# {steps} training steps at batch {batch}; {_busy(prof, wall, cuda)}\n\n"
                     + prof.key_averages().table(sort_by=key, row_limit=rows))
     return out
 
@@ -331,7 +343,8 @@ def bench_train(model_name, device, samples, min_tokens, max_tokens, response_to
     (out / "bench_train.md").write_text(text + "\n")
     click.echo(text)
     if profile:
-        tables = profile_tables(model, mod, targets, ids, response_tokens, batch_size, eos_ids(model, tok))
+        tables = profile_tables(model, mod, targets, ids, response_tokens, batch_size, eos_ids(model, tok),
+                              res["collection"]["batch_tokens"])
         for name, table in tables.items():
             (out / f"profile_{name}.txt").write_text(table + "\n")
             click.echo(table.splitlines()[0])
