@@ -4,11 +4,12 @@ import re
 import sys
 from pathlib import Path
 
-from lookaheadkv.evaluation.report import table
+from lookaheadkv.evaluation.report import shared_samples, table
 from lookaheadkv.evaluation.runner import read_rows
 
 root = Path(__file__).resolve().parent.parent
-rows = [r for p in sorted((root / "results" / "eval").glob("smollm2_*.jsonl.gz")) for r in read_rows(p)]
+# the report's samples: those every method of a task has, of the tasks most methods of their family ran
+rows = shared_samples([r for p in sorted((root / "results" / "eval").glob("smollm2_*.jsonl.gz")) for r in read_rows(p)])
 doc = (root / "docs" / "eval.md").read_text(encoding="utf-8")
 tables = [table(rows, "score", "family"), table(rows, "recall", "family")]
 blocks = list(re.finditer(r"(?m)^\| model \|.*\n(?:^\|.*\n)+", doc))

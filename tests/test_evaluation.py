@@ -271,6 +271,28 @@ def test_report(tmp_path):
     assert (tmp_path / "rep" / "scores_by_family.png").stat().st_size > 1000
 
 
+def test_family_means_run_over_the_tasks_every_method_ran():
+    """A task fewer than half the family's methods ran (a lease that added it for one method and the full cache)
+    leaves the family means; a task one method lacks stays for the others; the samples a task's methods all have
+    stay, as many for every task."""
+    from lookaheadkv.evaluation.report import shared_samples
+
+    rows = []
+    many = ("full", "lookahead", "laq", "snapkv", "tova")
+    for task, ran in (("niah_single_1", many), ("niah_single_2", many[:4]), ("niah_multikey_3", many[:2])):
+        for i in range(3):
+            for method in ran:
+                if task == "niah_single_1" and method == "laq" and i == 2:
+                    continue  # laq lacks the third sample
+                rows.append(dict(model="m", task=task, family="ruler", length=520, sample=f"{task}-{i}",
+                                 mode="aware", method=method, budget=64, score=1.0))
+    kept = shared_samples(rows)
+    assert {r["task"] for r in kept} == {"niah_single_1", "niah_single_2"}
+    assert sorted({r["sample"] for r in kept}) == ["niah_single_1-0", "niah_single_1-1", "niah_single_2-0",
+                                                  "niah_single_2-1"]
+    assert len(kept) == 2 * 5 + 2 * 4  # two samples a task (laq lacks niah_single_1's third), each method's row
+
+
 def test_paired_differences_use_only_samples_both_methods_scored():
     rows = []
     scores = {"lookahead": [1.0, 1.0, 0.0, 1.0], "laq": [0.0, 1.0, 0.0, None]}  # laq lacks the 4th sample

@@ -137,9 +137,11 @@ def plot(rows: list[dict], path: Path, by: str = "family", metric: str = "score"
 
 def shared_samples(rows: Sequence[dict]) -> list[dict]:
     """The rows of the samples that every method of their task and length has, so that each mean runs over the
-    same samples (leases that ran out of time leave some methods with more), and as many of them for every task of
-    a family and length (the first ones, in row order), so that a family's mean weighs its tasks alike, as RULER's
-    mean of its tasks does."""
+    same samples (leases that ran out of time leave some methods with more), of the tasks that at least half the
+    methods of their family and length ran (a task one lease added for a method and the full cache would
+    otherwise enter their family means alone; a method missing a few tasks keeps its n smaller), and as many of
+    them for every task of a family and length (the first ones, in row order), so that a family's mean weighs its
+    tasks alike, as RULER's mean of its tasks does."""
     have: dict = defaultdict(lambda: defaultdict(set))
     order: dict = defaultdict(dict)  # (task, length) -> its samples in row order (a dict keeps insertion order)
     family = {}
@@ -148,13 +150,17 @@ def shared_samples(rows: Sequence[dict]) -> list[dict]:
         have[k][r["method"]].add(r["sample"])
         order[k][r["sample"]] = None
         family[k] = (r["family"], r["length"])
+    methods: dict = defaultdict(set)  # (family, length) -> every method that ran any of its tasks
+    for k, per in have.items():
+        methods[family[k]] |= set(per)
+    have = {k: per for k, per in have.items() if 2 * len(per) >= len(methods[family[k]])}
     common = {k: set.intersection(*per.values()) for k, per in have.items()}
     shared = {k: [s for s in order[k] if s in common[k]] for k in have}
     least: dict = {}
     for k, samples in shared.items():
         least[family[k]] = min(least.get(family[k], len(samples)), len(samples))
     keep = {k: set(samples[:least[family[k]]]) for k, samples in shared.items()}
-    return [r for r in rows if r["sample"] in keep[(r["task"], r["length"])]]
+    return [r for r in rows if r["sample"] in keep.get((r["task"], r["length"]), ())]
 
 
 def write_report(results: Sequence[str | Path], folder: str | Path) -> Path:
