@@ -1,6 +1,7 @@
 """Paired test-split recall and answer F1: the 22K-prompt module against the shipped one, on the same 200 samples
 (bf16 rows of scripts/lookahead_eval.py). python results/train/smollm2_h200/runs/2026-12-03_22k/paired.py"""
 import json
+import subprocess
 from pathlib import Path
 
 from lookaheadkv.evaluation.metrics import mean_ci
@@ -8,11 +9,14 @@ from lookaheadkv.evaluation.metrics import mean_ci
 here = Path(__file__).parent
 
 
-def rows(path: Path) -> dict:
-    return {(r["sample"], r["budget"]): r for r in map(json.loads, open(path)) if r["method"] == "lookahead"}
+def rows(lines) -> dict:
+    return {(r["sample"], r["budget"]): r for r in map(json.loads, lines) if r["method"] == "lookahead"}
 
 
-new, old = rows(here / "recall_bf16/rows.jsonl"), rows(here / "../../../../lookahead/rows_bf16.jsonl")
+# the module shipped before this one: its rows as results/lookahead held them until it was replaced (commit 4769392)
+before = subprocess.run(["git", "show", "4769392:results/lookahead/rows_bf16.jsonl"], cwd=here, capture_output=True,
+                        check=True, text=True).stdout.splitlines()
+new, old = rows(open(here / "recall_bf16/rows.jsonl")), rows(before)
 
 
 def cell(field: str, keys: list) -> str:
