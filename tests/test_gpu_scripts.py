@@ -139,6 +139,13 @@ def test_what_comes_back_is_unpacked_into_the_repository(tmp_path):
     unpack.unpack(back, root, run="second")
     assert (root / "results" / "train" / "m_h100" / "runs" / "second" / "main.train_log.json").read_bytes() == b"{}"
     assert (root / "lookaheadkv" / "modules" / "m" / "adapter_model.safetensors").read_bytes() == b"x" * 3000
+    smol = tmp_path / "smol"
+    smol.mkdir()
+    with tarfile.open(smol / "results.tgz", "w:gz") as tar:
+        add(tar, "smollm2-135m-instruct/results/eval.log", b"rounds")
+        add(tar, "smollm2-135m-instruct/results/gpu.txt", b"NVIDIA H200, 143771 MiB, 1980 MHz\n")
+    unpack.unpack(smol, root, run="r")
+    assert (root / "results" / "train" / "smollm2_h200" / "runs" / "r" / "eval.log").read_bytes() == b"rounds"
 
 
 def test_a_named_models_gguf_alone_is_fetched_where_fetch_looks(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@
   it carries loses the rows it does not (the old module's, which a row key naming no module cannot tell apart).
   Then the compare lane's: union by row key, rows already there first;
 - results.tgz: each model's logs, train logs, recall and trainer benchmark into results/train/MODEL_CARD/, its
-  cost benchmark (`cost/`) into results/bench/MODEL_CARD/ (`python -m lookaheadkv.bench.report` writes the tables);
+  cost benchmark (`cost/`) into results/bench/MODEL_CARD/ (`python -m lookaheadkv.bench.report` writes the tables;
+  SmolLM2's folders are smollm2_CARD);
   CARD is the GPU its gpu.txt names (h100, h200). `--run NAME` puts them under MODEL_CARD/runs/NAME/ instead; a file
   already there with other contents is never overwritten (it stops, asking for --run);
 - module-MODEL.tar: the bf16 module into lookaheadkv/modules/MODEL/, where it is found by the model's identity.
@@ -73,6 +74,10 @@ def merge_rows(dest: Path, new: list[dict], fresh: bool = False) -> int:
     return len(added)
 
 
+# Results folders named before this script: SmolLM2's are results/{train,bench}/smollm2_CARD/
+FOLDER = {"smollm2-135m-instruct": "smollm2"}
+
+
 def card(name: str) -> str:
     """'h100' from gpu.txt's 'NVIDIA H100 80GB HBM3, ...' (any GPU: its model word, lower case)."""
     words = name.replace(",", " ").split()
@@ -105,7 +110,7 @@ def unpack(files_at: Path, root: Path, run: str | None = None) -> list[str]:
                         model, _, *rest = Path(m.name).parts
                         kind = "bench" if rest[0] == "cost" else "train"
                         rest = rest[1:] if kind == "bench" else rest
-                        dest = root / "results" / kind / f"{model}_{cards.get(model, 'gpu')}"
+                        dest = root / "results" / kind / f"{FOLDER.get(model, model)}_{cards.get(model, 'gpu')}"
                         dest = (dest / "runs" / run if run else dest) / Path(*rest)
                         data = tar.extractfile(m).read()
                         if dest.exists() and dest.read_bytes() != data:
