@@ -6,8 +6,8 @@ methods before it, on the same samples:
 - the committed rows before this run (commit BEFORE): `lookahead` there is the module shipped before 2026-12-02
   (401 prompts), `laq` LAQ's earlier form;
 - the CPU subset of results/eval/cpu_module_2026-12-02/ (first 8 samples of each RULER task at 4K): the module
-  shipped on 2026-12-02 (8,697 prompts) and LAQ as its authors' code runs it, there and in laq_4k_n16.jsonl.gz
-  (16 samples a task) beside this script. The full-cache answers of those CPU runs equal the H200's, so they pair.
+  shipped on 2026-12-02 (8,697 prompts) and LAQ as its authors' code runs it, there and in laq_4k_more.jsonl.gz
+  (more samples a task, the same command with a larger --n) beside this script. The full-cache answers of those CPU runs equal the H200's, so they pair.
 """
 
 import gzip
@@ -78,11 +78,13 @@ def main() -> None:
     subset = {"module of 2026-12-02 (8,697 prompts; CPU)": (local(cpu / "new_module_4k.jsonl.gz"), "lookahead"),
               "laq, authors' form (CPU)": (local(cpu / "laq_4k.jsonl.gz"), "laq")}
     out += table("RULER at 4K, the CPU subset (8 samples a task)", new, subset, (64, 128), "ruler")
-    wider = here / "laq_4k_n16.jsonl.gz"
+    wider = here / "laq_4k_more.jsonl.gz"
     if wider.exists():
-        out += table("RULER at 4K, 16 samples a task", new, {"laq, authors' form (CPU)": (local(wider), "laq"),
-                                                             "full cache (CPU)": (local(wider), "full")},
-                     (64, 128), "ruler")
+        more = local(wider)
+        per_task = len({k[4] for k in more if k[0] == "laq"}) // len({k[2] for k in more if k[0] == "laq"})
+        out += table(f"RULER at 4K, the first {per_task} samples of each task", new,
+                     {"laq, authors' form (CPU)": (more, "laq"), "full cache (CPU)": (more, "full")}, (64, 128),
+                     "ruler")
     print("\n".join(out))
 
 
