@@ -8,11 +8,14 @@
    cache, a static one, and a static one compiled (transformers' own choice for a static cache on a GPU); and
    the straightforward collection (what the trainer did before: padded decode, then a teacher-forced pass per
    prompt) on that share, for a ratio measured within one run.
-2. Training steps (train.batch_loss + AdamW) at --batch-size on those targets: steps/s, prompts/s, peak memory.
+2. Training steps (train.batch_loss + AdamW) at --batch-size on those targets, each batch assembled beforehand as
+   the trainer's prefetch thread does: steps/s, prompts/s, peak memory.
 3. The target's form: the loss of one predictor against the fp32 truth and against the truth as stored (fp16,
    bf16) or cut to its top-k entries per head (the rest spread evenly), over the same prompts.
-4. With --profile: torch.profiler over one collection batch and a few training steps, the top operators by
-   self time (the device's where there is one) in profile_collect.txt and profile_train.txt: where the time goes.
+4. With --profile: torch.profiler over the largest collection batch the collector plans and a few training
+   steps, the top operators by self time (the device's where there is one) in profile_collect.txt and
+   profile_train.txt, each headed by its wall time and the share of it the device was busy: where the time goes
+   (a full batch takes the profiler minutes to tabulate on the H200).
 Writes bench_train.json and bench_train.md to --out and prints the tables.
 """
 
