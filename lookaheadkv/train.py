@@ -31,7 +31,6 @@ from pathlib import Path
 
 import click
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed, scoring
@@ -174,12 +173,6 @@ class Batch:
 
     def __len__(self) -> int:
         return self.ids.shape[0]
-
-
-def _truth_batch(targets: Sequence[Target], length: int, device: torch.device) -> torch.Tensor:
-    """[B, layers, Hq, length] fp32 on the device, left-padded with zeros."""
-    truth = Batch.of(targets).truth
-    return F.pad(truth, (length - truth.shape[-1], 0)).to(device).float()
 
 
 def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target] | Batch, grad: bool,

@@ -68,10 +68,10 @@ def grid(model, mod, targets, budgets, batch_size, device):
     items = [t for t in targets if t is not None]
     for group in tqdm(batches([len(t.ids) for t in items], batch_size), desc="grid", unit="batch"):
         ts = [items[i] for i in group]
-        ids, mask = tr.left_pad([t.ids for t in ts])
-        pf = prefill(model, ids.to(device), mask.to(device))
+        batch = tr.Batch.of(ts)
+        pf = prefill(model, batch.ids.to(device), batch.mask.to(device))
         glimpse = la.lookahead_pass(model, mod, pf).mean()
-        truth = tr._truth_batch(ts, pf.length, device)
+        truth = batch.truth.to(device).float()
         for g in GRID:
             m = get_method("lookahead", **g)
             for b in budgets:
@@ -163,10 +163,10 @@ def main():
         if not keep:
             continue
         group, ts = [i for i, _ in keep], [t for _, t in keep]
-        bid, mask = tr.left_pad([ids[i] for i in group])
-        pf = prefill(model, bid.to(device), mask.to(device), record_rows=rec_rows)
+        batch = tr.Batch.of(ts)  # the targets' ids are these prompts
+        pf = prefill(model, batch.ids.to(device), batch.mask.to(device), record_rows=rec_rows)
         glimpse = la.lookahead_pass(model, mod, pf).mean() if "lookahead" in methods else None
-        truth = tr._truth_batch(ts, pf.length, device)
+        truth = batch.truth.to(device).float()
         refs = [tok.decode(t.response[:a.answer_tokens], skip_special_tokens=True).strip() for t in ts]
         for name, m in methods.items():
             for b in budgets:
