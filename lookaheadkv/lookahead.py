@@ -113,9 +113,41 @@ def _matches(meta: dict, ident: dict) -> bool:
 
 
 def _lora_layers(model) -> list:
+    """The model's lookahead LoRA layers, found once at injection (a scan of a 8B model's ~2.7K modules costs
+    milliseconds, and the single pass asks for them every prefill)."""
+    found = model.__dict__.get("_lookahead_layers")
+    if found is not None:
+        return found
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+
+
+def _lora_params(layers: list) -> list[torch.nn.Parameter]:
+    return [p for layer in layers for d in (layer.lora_A, layer.lora_B) for p in d[ADAPTER].parameters()]
+
+
+def lora_groups(model) -> list[list]:
+    """The lookahead LoRA layers in groups that read one input (see _sibling_groups), as found at injection."""
+    found = model.__dict__.get("_lookahead_groups")
+    return found if found is not None else _sibling_groups(model, _lora_layers(model))
+
+
+def _sibling_groups(model, layers: list) -> list[list]:
+    """The LoRA layers grouped by the input they read: siblings under one parent with the same input width (q/k/v
+    of an attention block; gate/up of an MLP), in module order. A block's last projection (o_proj, down_proj)
+    reads the block's inner result, not its input, so it stands alone even where its width matches."""
+    wanted = {id(layer) for layer in layers}
+    groups: list[list] = []
+    for _, module in model.named_modules():
+        mine = [child for child in module.children() if id(child) in wanted]
+        if not mine:
+            continue
+        by_width: dict[int, list] = {}
+        for child in mine[:-1]:
+            by_width.setdefault(child.get_base_layer().in_features, []).append(child)
+        groups += list(by_width.values()) + [[mine[-1]]]
+    return groups
 
 
 def _inject(model, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
@@ -144,10 +176,15 @@ def _inject(model, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
     for name, p in model.named_parameters():
         if f".{ADAPTER}." in name:
             p.data = p.data.to(dtype)
-    for layer in _lora_layers(model):
+    layers = _lora_layers(model)
+    for layer in layers:
         layer.enable_adapters(False)
     model._lookahead_lora = (rank, alpha, tuple(targets))
     model._lookahead_config = cfg
+    # kept in the instance dict, not as submodules: lists of modules the model already owns
+    model.__dict__["_lookahead_layers"] = layers
+    model.__dict__["_lookahead_groups"] = _sibling_groups(model, layers)
+    model.__dict__["_lookahead_params"] = _lora_params(layers)
 
 
 @contextlib.contextmanager
@@ -169,8 +206,7 @@ def lora_rows(model, first_row: int = 0) -> Iterator[None]:
                 h.remove()
         return
     # PEFT's enable_adapters also flips requires_grad; keep whatever the caller (the trainer) set.
-    flags = [(p, p.requires_grad) for layer in layers for d in (layer.lora_A, layer.lora_B)
-             for p in d[ADAPTER].parameters()]
+    flags = [(p, p.requires_grad) for p in _lora_params(layers)]
     for layer in layers:
         layer.enable_adapters(True)
     for p, f in flags:
@@ -185,44 +221,38 @@ def lora_rows(model, first_row: int = 0) -> Iterator[None]:
 
 
 class RowsLoRA:
-    """The single pass's LoRA, on the rows >= first alone, in few launches: sibling LoRA layers of one module
-    that read one input (q/k/v of an attention block; gate/up of an MLP) share one product with their A
-    matrices stacked and one with their B matrices (scaled) as a block diagonal; each member then adds its slice
-    in place (the fp32 delta added to the base output and rounded once, as PEFT does). Per decoder layer that is
-    ~19 launches instead of ~56 for one hook per projection. A member whose input turns out not to be its
-    group's (another architecture) computes its own. The stacked weights are kept on the model and rebuilt
-    when a LoRA weight changes (training, loading)."""
+    """The single pass's LoRA, on the rows >= first alone, in few launches: sibling LoRA layers that read one
+    input (q/k/v of an attention block; gate/up of an MLP) share one product with their A matrices stacked and
+    one with their B matrices (scaled) as a block diagonal; each member then adds its slice in place (the fp32
+    delta added to the base output and rounded once, as PEFT does: bf16 products moved the kept sets of a real
+    prompt). Per decoder layer that is ~19 launches instead of ~56 for one hook per projection. The groups are
+    found once, at injection, and the stacked weights rebuilt only when a LoRA weight changes (training,
+    loading): entering the single pass costs no scan of the model. A member whose input turns out not to be
+    its group's (another architecture) computes its own."""
 
-    def __init__(self, layers: list, first: int):
-        self.first = first
-        self.group: dict[int, tuple[int, list]] = {}  # id(layer) -> (its index in the group, the group)
-        siblings: dict[tuple, list] = {}
-        for layer in layers:
-            parent = layer.__dict__.get("_lookahead_parent")
-            siblings.setdefault((parent, layer.get_base_layer().in_features), []).append(layer)
-        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
-        for members in siblings.values():
+    def __init__(self, groups: list[list]):
+        self.first = 0
+        self.member: dict[int, tuple[int, int, list]] = {}  # id(layer) -> (its group's key, its index, the group)
+        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}  # key -> (A^T, B block^T, sizes)
+        for members in groups:
+            key = id(members[0])
             a = torch.cat([m.lora_A[ADAPTER].weight for m in members])  # [sum r, in]
             b = torch.block_diag(*[m.lora_B[ADAPTER].weight * m.scaling[ADAPTER] for m in members])  # [sum out, sum r]
-            self.weights[id(members[0])] = (a, b, [m.lora_B[ADAPTER].weight.shape[0] for m in members])
+            self.weights[key] = (a.T.contiguous(), b.T.contiguous(), [m.lora_B[ADAPTER].weight.shape[0] for m in members])
             for i, m in enumerate(members):
-                self.group[id(m)] = (i, members)
-        self.inputs: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # group -> (its input, deltas)
+                self.member[id(m)] = (key, i, members)
+        self.inputs: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (its input, the deltas)
 
     @staticmethod
     def of(model, first: int) -> RowsLoRA:
         layers = _lora_layers(model)
-        for name, module in model.named_modules():  # each layer's parent, to find its siblings
-            for child in module.children():
-                if child in layers:
-                    child.__dict__["_lookahead_parent"] = name
-        params = [p for layer in layers for d in (layer.lora_A, layer.lora_B) for p in d[ADAPTER].parameters()]
+        params = model.__dict__.get("_lookahead_params") or _lora_params(layers)
         version = tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
-        cached = getattr(model, "_lookahead_rows", None)
+        cached = model.__dict__.get("_lookahead_rows")
         if cached is None or cached[0] != version:
             with torch.no_grad():
-                cached = (version, RowsLoRA(layers, 0))
-            model._lookahead_rows = cached
+                cached = (version, RowsLoRA(lora_groups(model)))
+            model.__dict__["_lookahead_rows"] = cached
         rows = cached[1]
         rows.first, rows.inputs = first, {}
         return rows
@@ -232,21 +262,20 @@ class RowsLoRA:
         if x.dim() != 3:  # e.g. an MoE expert's flattened tokens: rows cannot be found by position
             raise LookaheadKVError(f"the lookahead LoRA sits on a module fed {x.dim()}-D input, not "
                                    "[batch, rows, hidden]; its rows cannot be told apart")
-        i, members = self.group[id(layer)]
-        key = id(members[0])
+        key, i, members = self.member[id(layer)]
         seen = self.inputs.get(key)
         if seen is None or seen[0] is not x:
-            a, b, sizes = self.weights[key]
-            h = x[..., self.first:, :].to(a.dtype) @ a.T
+            at, bt, sizes = self.weights[key]
+            h = x[:, self.first:].to(at.dtype) @ at
             if seen is not None or i > 0:  # this member's own input: only its own slice of the group counts
                 lo = sum(m.lora_A[ADAPTER].weight.shape[0] for m in members[:i])
                 r = members[i].lora_A[ADAPTER].weight.shape[0]
                 delta = h[..., lo:lo + r] @ (members[i].lora_B[ADAPTER].weight * members[i].scaling[ADAPTER]).T
-                output[..., self.first:, :].add_(delta)
+                output[:, self.first:].add_(delta)
                 return output
-            seen = (x, list((h @ b.T).split(sizes, dim=-1)))
+            seen = (x, list((h @ bt).split(sizes, dim=-1)))
             self.inputs[key] = seen
-        output[..., self.first:, :].add_(seen[1][i])
+        output[:, self.first:].add_(seen[1][i])
         return output
 
 

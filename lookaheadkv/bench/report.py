@@ -16,7 +16,10 @@ def _name(label: str) -> str:
 def _where(row: dict) -> str:
     """The stages of one TTFT row in ms, largest first (the prefill itself left out)."""
     st = {k: v for k, v in row["stages_s"].items() if k != "prefill"}
-    return ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in sorted(st.items(), key=lambda kv: -kv[1]))
+    text = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in sorted(st.items(), key=lambda kv: -kv[1]))
+    if "adapter_paired_s" in row:  # not a stage: the adapter's cost inside the prefill, against the rows-only twin
+        text += f" (adapter paired in the prefill {row['adapter_paired_s'] * 1e3:.2f} ms)"
+    return text
 
 
 def _worst(row: dict, suffix: str = "") -> float:
@@ -68,9 +71,11 @@ def check_targets(result: dict) -> list[dict]:
                 add(f"{label} overhead over plain transformers <= 1%", ctx, _worst(row, "_plain"), 0.01,
                     _worst(row, "_plain") <= 0.01, row, paired=row["overhead_plain"],
                     stages=row["overhead_stages_plain"])
-            if "adapter" in row["stages_s"]:
-                adapter = row["stages_s"]["adapter"]
-                add(f"{label} adapter stage <= 3 ms", ctx, adapter, ADAPTER_S, adapter <= ADAPTER_S)
+            if "adapter" in row["stages_s"]:  # timed alone (an upper bound) and, with the twin, paired in the prefill
+                timed, paired = row["stages_s"]["adapter"], row.get("adapter_paired_s")
+                adapter = timed if paired is None else max(timed, paired)
+                add(f"{label} adapter stage <= 3 ms", ctx, adapter, ADAPTER_S, adapter <= ADAPTER_S, timed=timed,
+                    **({} if paired is None else {"paired": paired}))
         snap, look = at.get("snapkv"), at.get("lookahead")
         if real and snap is not None and look is not None:
             ratios = [look[k] / snap[k] if snap[k] > 0 else math.inf for k in ("overhead", "overhead_stages")]

@@ -269,39 +269,41 @@ class Bench:
 
     def _adapter_direct(self, m: Method, length: int) -> float:
         """Seconds the adapter of a single-pass method's extra rows adds to its prefill of `length` prompt rows
-        + n rows: the work its hooks add to each group of LoRA-wrapped projections that share an input (the
-        LoRA deltas on the last n rows, added to the base outputs), timed on its own per group shape and summed
-        over the groups.
-        Timing the hook alone, not a projection with and without it, keeps the large base product (and its
-        noise) out of the difference; alone its launches are not hidden behind the prefill's products, so
-        this is an upper bound."""
+        + n rows, timed directly: its hooks' work on every LoRA-wrapped projection of every layer (the LoRA
+        deltas on the last n rows, added to the base outputs), run back to back in one timed call on inputs of
+        the prefill's shapes (one input and base outputs per kind of group, shared by the layers alike in shape).
+        Timing the hooks alone, not a prefill with and without them, keeps the large base products (and their
+        noise) out; alone, nothing hides their launches behind those products, so this is an upper bound (the
+        rows-only twin's paired prefill gives what they cost inside one)."""
         extra = m.prefill_extra(self.model)
         if extra is None:
             return 0.0
         from .. import lookahead
 
         rows = lookahead.RowsLoRA.of(self.model, length)
-        kinds: dict[tuple, list] = {}  # groups of siblings alike in shape (one per decoder layer): timed once
-        for members in {id(g[0]): g for _, g in rows.group.values()}.values():
+        kinds: dict[tuple, list] = {}  # groups of siblings alike in shape (one per decoder layer)
+        for members in lookahead.lora_groups(self.model):
             shape = tuple((m.get_base_layer().in_features, m.get_base_layer().out_features) for m in members)
             kinds.setdefault(shape, []).append(members)
         n = extra.embeds.shape[1]
-        total = 0.0
+        tensors = {}
         with torch.no_grad():
-            for groups in kinds.values():
-                members = groups[0]
-                x = torch.randn(1, length + n, members[0].get_base_layer().in_features, device=self.device,
-                                dtype=self.dtype)  # made on the device
-                ys = [m.get_base_layer()(x) for m in members]
+            for shape in kinds:  # made on the device
+                x = torch.randn(1, length + n, shape[0][0], device=self.device, dtype=self.dtype)
+                tensors[shape] = (x, [torch.randn(1, length + n, out, device=self.device, dtype=self.dtype)
+                                      for _, out in shape])
 
-                def call(members=members, x=x, ys=ys):
-                    rows.inputs = {}
-                    for m, y in zip(members, ys):
-                        rows.hook(m, (x,), y)
+            def call():
+                rows.inputs = {}
+                for shape, groups in kinds.items():
+                    x, ys = tensors[shape]
+                    for members in groups:
+                        for layer, y in zip(members, ys):
+                            rows.hook(layer, (x,), y)
 
-                total += median(time_calls(call, self.devices, self.cfg.repeats, warmup=1)) * len(groups)
-                del x, ys
-        return total
+            out = median(time_calls(call, self.devices, self.cfg.repeats, warmup=1))
+        del tensors
+        return out
 
     def labels(self) -> list[str]:
         """What the TTFT runs time: every method, and plain transformers."""
@@ -369,6 +371,10 @@ class Bench:
                     **({"record_pytorch_s": paths["pytorch"]} if "pytorch" in paths else {}),
                     **({"record_two_pass_s": paths["two_pass"]} if "two_pass" in paths else {}),
                 })
+                twin = runs.get(label + ROWS_ONLY)
+                if extra and twin:  # what the adapter adds inside the prefill: paired against the same rows without it
+                    out[-1]["adapter_paired_s"] = median([a["stages"]["prefill"] - t["stages"]["prefill"]
+                                                          for a, t in zip(rs, twin)])
             del ids
         return out
 
@@ -418,17 +424,32 @@ class Bench:
         return {"step_s": s, "tokens_per_s": batch / s, "kv_bytes": held, "peak_bytes": peak, "steps_s": times}
 
     def decode(self, bar: tqdm) -> list[dict]:
+        """Decode steps on every cache at every batch. A batch-1 step is host-bound and the host's speed drifts
+        over seconds, so each cache's steps run in `repeats` blocks, the caches in a rotating order within each
+        round: every cache meets the same slow and fast stretches (one block per cache had an evicted cache
+        20% slower than a plain one of the same size that launches exactly the same operations)."""
         length = self.cfg.decode_context or max(self.cfg.contexts)
         bar.set_postfix_str(f"decode caches @ {length}")
         caches = self._caches(length)
+        labels = list(caches)
         out = []
         for batch in self.cfg.decode_batches:
-            for label, (pf, position) in caches.items():
-                bar.set_postfix_str(f"decode {label} batch {batch}")
-                row = self._decode_steps(pf, position, batch)
+            blocks: dict[str, list[dict]] = {label: [] for label in labels}
+            for r in range(max(1, self.cfg.repeats)):
+                for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+                    bar.set_postfix_str(f"decode {label} batch {batch}")
+                    pf, position = caches[label]
+                    blocks[label].append(self._decode_steps(pf, position, batch))
+            for label in labels:
+                pf = caches[label][0]
                 lengths = _lengths(pf)
+                times = [t for b in blocks[label] for t in b["steps_s"]]
+                s = median(times)
+                peaks = [b["peak_bytes"] for b in blocks[label] if b["peak_bytes"] is not None]
                 out.append({"context": length, "batch": batch, "cache": label,
-                            "kept_tokens": sum(lengths) / len(lengths), **row})
+                            "kept_tokens": sum(lengths) / len(lengths), "step_s": s, "tokens_per_s": batch / s,
+                            "kv_bytes": blocks[label][0]["kv_bytes"], "peak_bytes": max(peaks) if peaks else None,
+                            "steps_s": times})
                 bar.update()
         del caches
         return out

@@ -2,12 +2,13 @@
 # Issue 12 on the H200, in ONE device call (about 9 minutes; a stage that no longer fits in DEADLINE seconds is
 # skipped and logged): the fused-kernel check (the row sums given the attention call's log-sum-exp included);
 # then, with random bf16 weights, Llama-3.1-8B's shape at 8K/16K/32K (3 paired repeats after a warm-up) and 64K
-# (2): plain transformers, our full cache, snapkv, pyramidkv, lookahead (its adapter stage) and laq:k=8 (its stages
-# beside lookahead's), every call at a fresh prompt length; decode steps on evicted 32K caches at budget 1024
-# against a plain 1K cache at batch 1/8/16; snapkv/pyramidkv again with the log-sum-exp path off
-# (LOOKAHEADKV_NO_SDPA_LSE=1: the A/B of the one-pass recording); SmolLM2 at 4K-8K (real weights when converted
-# on the machine, else its shape with random weights); Qwen3-8B's shape at 8K-64K. Files back ($OUT, 7 of the 8
-# allowed): llama31_8b.json, llama31_8b_lse_off.json, smollm2.json, qwen3_8b.json (results dicts:
+# (2): plain transformers, our full cache, snapkv, pyramidkv, lookahead (its adapter stage) with its rows-only
+# twin (the adapter's cost inside the prefill, paired) and laq:k=8 (its stages beside lookahead's), every call at a
+# fresh prompt length; decode steps on evicted 32K caches at budget 1024 against a plain 1K cache at batch 1/8/16
+# (3 rounds of every cache in rotation); SmolLM2 at 4K-8K (real weights when converted on the machine, else its
+# shape with random weights); Qwen3-8B's shape at 8K-64K. (The A/B of the one-pass recording, snapkv/pyramidkv with
+# LOOKAHEADKV_NO_SDPA_LSE=1, ran on 2026-12-02: results/bench/h200_2026-12-02/llama31_8b_lse_off/.) Files back
+# ($OUT, 6 of the 8 allowed): llama31_8b.json, smollm2.json, qwen3_8b.json (results dicts:
 # `python -m lookaheadkv.bench.report FILE DIR` writes bench.md, summary.md and the plots from each), kernel.txt,
 # gpu.txt, log.txt (everything printed, the commands included).
 #
