@@ -238,7 +238,8 @@ class RowsLoRA:
             key = id(members[0])
             a = torch.cat([m.lora_A[ADAPTER].weight for m in members])  # [sum r, in]
             b = torch.block_diag(*[m.lora_B[ADAPTER].weight * m.scaling[ADAPTER] for m in members])  # [sum out, sum r]
-            self.weights[key] = (a.T.contiguous(), b.T.contiguous(), [m.lora_B[ADAPTER].weight.shape[0] for m in members])
+            sizes = [m.lora_B[ADAPTER].weight.shape[0] for m in members]
+            self.weights[key] = (a.T.contiguous(), b.T.contiguous(), sizes)
             for i, m in enumerate(members):
                 self.member[id(m)] = (key, i, members)
         self.inputs: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (its input, the deltas)

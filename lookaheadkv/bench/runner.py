@@ -301,9 +301,7 @@ class Bench:
                         for layer, y in zip(members, ys):
                             rows.hook(layer, (x,), y)
 
-            out = median(time_calls(call, self.devices, self.cfg.repeats, warmup=1))
-        del tensors
-        return out
+            return median(time_calls(call, self.devices, self.cfg.repeats, warmup=1))
 
     def labels(self) -> list[str]:
         """What the TTFT runs time: every method, and plain transformers."""
