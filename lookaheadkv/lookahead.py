@@ -267,17 +267,23 @@ class RowsLoRA:
         seen = self.inputs.get(key)
         if seen is None or seen[0] is not x:
             at, bt, sizes = self.weights[key]
-            h = x[:, self.first:].to(at.dtype) @ at
+            h = _rows(x, self.first).to(at.dtype) @ at
             if seen is not None or i > 0:  # this member's own input: only its own slice of the group counts
                 lo = sum(m.lora_A[ADAPTER].weight.shape[0] for m in members[:i])
                 r = members[i].lora_A[ADAPTER].weight.shape[0]
                 delta = h[..., lo:lo + r] @ (members[i].lora_B[ADAPTER].weight * members[i].scaling[ADAPTER]).T
-                output[:, self.first:].add_(delta)
+                _rows(output, self.first).add_(delta)
                 return output
-            seen = (x, list((h @ bt).split(sizes, dim=-1)))
+            seen = (x, (h @ bt).split(sizes, dim=-1))
             self.inputs[key] = seen
-        output[:, self.first:].add_(seen[1][i])
+        _rows(output, self.first).add_(seen[1][i])
         return output
+
+
+def _rows(t: torch.Tensor, first: int) -> torch.Tensor:
+    """The rows >= first of [B, L, D]; for one sequence as a 2-D view, so products run as plain matrix products
+    (a 3-D operand costs a batched product and its views: ~40% of the adapter's host operations)."""
+    return t[0, first:] if t.shape[0] == 1 else t[:, first:]
 
 
 # ---------------------------------------------------------------------------------------------- create/save/load
