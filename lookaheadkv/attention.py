@@ -234,8 +234,6 @@ def _fusable(module, query: torch.Tensor, key: torch.Tensor, records: list[Recor
     rows are few, and nothing SDPA would add (dropout, softcap, sliding window, sinks) is asked for."""
     if len(records) != 1 or not (records[0].rows < 0 or records[0].rows >= query.shape[2]):
         return False
-    if os.environ.get("LOOKAHEADKV_UNFUSED_ROWS") == "1":  # A/B only (SDPA + the row kernel): removed after
-        return False
     if query.shape[2] > FUSED_ROWS or key.shape[2] <= query.shape[2]:  # rows after a cache, not a prompt's own
         return False
     if kwargs.get("dropout") or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
