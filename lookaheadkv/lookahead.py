@@ -114,13 +114,8 @@ def _matches(meta: dict, ident: dict) -> bool:
 
 def _lora_layers(model) -> list:
     """The model's lookahead LoRA layers, found once at injection (a scan of a 8B model's ~2.7K modules costs
-    milliseconds, and the single pass asks for them every prefill)."""
-    found = model.__dict__.get("_lookahead_layers")
-    if found is not None:
-        return found
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+    milliseconds, and the single pass asks for them every prefill); none before a module is injected."""
+    return model.__dict__.get("_lookahead_layers", [])
 
 
 def _lora_params(layers: list) -> list[torch.nn.Parameter]:
@@ -129,8 +124,7 @@ def _lora_params(layers: list) -> list[torch.nn.Parameter]:
 
 def lora_groups(model) -> list[list]:
     """The lookahead LoRA layers in groups that read one input (see _sibling_groups), as found at injection."""
-    found = model.__dict__.get("_lookahead_groups")
-    return found if found is not None else _sibling_groups(model, _lora_layers(model))
+    return model.__dict__.get("_lookahead_groups", [])
 
 
 def _sibling_groups(model, layers: list) -> list[list]:
@@ -163,6 +157,7 @@ def _inject(model, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
         return
     if rank == 0:  # lookahead tokens alone (the ablation without a LoRA)
         model._lookahead_lora, model._lookahead_config = (0, alpha, tuple(targets)), None
+        _remember(model, [])
         return
     # Only inside the decoder layers (a vision tower's q_proj is no target), every target must exist there
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_pattern(model, tuple(targets)), lora_dropout=0.0,
@@ -176,12 +171,19 @@ def _inject(model, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
     for name, p in model.named_parameters():
         if f".{ADAPTER}." in name:
             p.data = p.data.to(dtype)
-    layers = _lora_layers(model)
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
     for layer in layers:
         layer.enable_adapters(False)
     model._lookahead_lora = (rank, alpha, tuple(targets))
     model._lookahead_config = cfg
-    # kept in the instance dict, not as submodules: lists of modules the model already owns
+    _remember(model, layers)
+
+
+def _remember(model, layers: list) -> None:
+    """The LoRA layers, their sibling groups and parameters, kept in the instance dict (not as submodules: lists
+    of modules the model already owns) so that no later call walks the model's modules again."""
     model.__dict__["_lookahead_layers"] = layers
     model.__dict__["_lookahead_groups"] = _sibling_groups(model, layers)
     model.__dict__["_lookahead_params"] = _lora_params(layers)
@@ -246,8 +248,7 @@ class RowsLoRA:
 
     @staticmethod
     def of(model, first: int) -> RowsLoRA:
-        layers = _lora_layers(model)
-        params = model.__dict__.get("_lookahead_params") or _lora_params(layers)
+        params = model.__dict__.get("_lookahead_params", [])
         version = tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
         cached = model.__dict__.get("_lookahead_rows")
         if cached is None or cached[0] != version:

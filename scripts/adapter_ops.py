@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lookaheadkv import lookahead as la
 from lookaheadkv.attention import install
+from lookaheadkv.bench.timing import median, time_calls
 from lookaheadkv.errors import LookaheadKVError
 from lookaheadkv.prefill import ExtraRows, prefill
 
@@ -80,13 +79,7 @@ def host_setup(model, repeats: int = 20) -> dict[str, float]:
                 _ = child in layers
 
     def ms(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return 1e3 * statistics.median(times)
+        return 1e3 * median(time_calls(fn, "cpu", repeats, warmup=1))
 
     return {"enter_ms": ms(enter), "scan_ms": ms(old_scan)}
 
