@@ -8,7 +8,8 @@ max_tokens] (every scale is present, the long ones included, at a cost in tokens
 - instruct: long-form instructions over an essay excerpt (summarise, list, extract, explain, rewrite, explain
   step by step, continue a quote), answers that run long and draw on the whole text;
 - retrieval: synthetic lookups with long exact answers: a planted multi-digit code in essay text, a table of
-  key -> value entries (one asked), or all the "magic numbers" of one word (several values). Long exact
+  key -> value entries (one asked), all the "magic numbers" of one word (several values), or records whose keys
+  and values are both UUIDs (one to three asked: no word of the question ranks the value). Long exact
   answers are where query-based scoring fails (paper.md, "Observed here"): the answer's own attention walks
   along the value as it is written;
 - multifact: several facts planted in essay text, asked together (several values in one answer) or through a
@@ -30,6 +31,7 @@ import math
 import random
 import re
 import string
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,13 +160,19 @@ def _number(rng: random.Random) -> str:
     return str(rng.randrange(10 ** (d := rng.randint(5, 10)) // 10, 10**d))
 
 
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
 def _code_value(rng: random.Random) -> str:
     return rng.choice([_number(rng), "-".join(_number(rng)[:4] for _ in range(rng.randint(2, 4))),
-                       "".join(rng.choices(string.ascii_uppercase + string.digits, k=rng.randint(6, 12)))])
+                       "".join(rng.choices(string.ascii_uppercase + string.digits, k=rng.randint(6, 12))),
+                       _uuid(rng)])
 
 
 def _retrieval(i, rng, target, count):
-    kind = rng.choice(["needle", "table", "multi"])
+    # UUID records twice as often: random keys are the hardest match (a 1.5B module's scores missed them entirely)
+    kind = rng.choices(["needle", "table", "multi", "keyed"], weights=[1, 1, 1, 2])[0]
     words = _words()
     if kind == "needle":
         sents = _sentences(rng, target, count)
@@ -184,6 +192,16 @@ def _retrieval(i, rng, target, count):
             total += count(line) + 1
         asked = rng.choice(lines).split(":")[0].removeprefix("Entry ")
         return TrainPrompt(f"retrieval:{i}", "retrieval", "\n".join(lines), f"What is the value of entry {asked}?")
+    if kind == "keyed":  # random-token keys and values (UUIDs): nothing in the question's words ranks the value
+        lines, total = [], 0
+        while total < target:
+            line = f"Record {_uuid(rng)} has the token {_uuid(rng)}."
+            lines.append(line)
+            total += count(line) + 1
+        asked = [ln.split()[1] for ln in rng.sample(lines, min(len(lines), rng.choice([1, 1, 2, 3])))]
+        question = (f"What is the token of record {asked[0]}?" if len(asked) == 1 else
+                    f"What are the tokens of the records {', '.join(asked)}? Give each record's token.")
+        return TrainPrompt(f"retrieval:{i}", "retrieval", "\n".join(lines), question)
     keys = rng.sample(words, 12)
     lines, total = [], 0
     while total < target:

@@ -59,3 +59,16 @@ def test_a_smaller_set_is_a_prefix_of_a_larger_one():
     large = training_prompts(tok, 9, 200, 600, seed=2)
     assert [p.text(tok) for p in small] == [p.text(tok) for p in large[:5]]
     assert training_prompts(tok, 3, 200, 600, seed=3)[0].text(tok) != small[0].text(tok)
+
+
+def test_uuid_records_ask_records_that_are_there():
+    tok = WordTokenizer()
+    keyed = [p for p in training_prompts(tok, 80, 200, 600, families=("retrieval",), seed=1)
+             if p.context.startswith("Record ")]
+    assert len(keyed) >= 10
+    uuid = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    for p in keyed:
+        records = dict(re.findall(rf"Record ({uuid}) has the token ({uuid})\.", p.context))
+        assert len(records) == p.context.count("\n") + 1  # every line a record, keys distinct
+        asked = re.findall(uuid, p.question)
+        assert 1 <= len(asked) <= 3 and all(a in records for a in asked)

@@ -89,20 +89,20 @@ def main() -> None:
     results: dict[str, dict] = {}
     built: dict[str, tuple] = {}
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
-    bench = None
     for i, stage in enumerate(plan(a.rehearsal, a.smollm2_real)):
         left = a.deadline - (time.time() - t0)
         if stage.seconds > left and not a.rehearsal:
             print(f"== stage {i} {stage.out} skipped: needs ~{stage.seconds:.0f} s, {left:.0f} s left", flush=True)
             continue
         model = stage.cfg["model"]
-        if bench is not None and bench.cfg.model != model:
-            bench = None
+        # the last stage's Bench holds its prompts and caches, and another model is dropped: both freed before
+        # this stage allocates (Qwen3's 64K stage ran out of memory beside its 8K-32K stage's Bench)
+        bench = None
         for name in [n for n in built if n != model]:  # one model on the device at a time
             del built[name]
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         cfg = BenchConfig(**stage.cfg)
         print(f"== stage {i} {stage.out}: {model} contexts {cfg.contexts} decode={stage.decode} env={stage.env}",
               flush=True)
