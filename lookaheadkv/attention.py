@@ -4,7 +4,10 @@
    rows, in fp32, per query head, with GQA handled by grouping (no repeat_kv copies). Nothing ever
    materialises prompt x prompt attention: all-rows recording (H2O) runs in chunks of rows. In a prompt's
    own causal call the attention kernel torch picks also returns each row's softmax normaliser (its
-   log-sum-exp), so the recording takes one pass over the keys instead of two (`prompt_attention`).
+   log-sum-exp), so the recording takes one pass over the keys instead of two (`prompt_attention`). A call
+   that records all its few rows (decode steps, lookahead and draft rows) gets output and recording from one
+   product (`attend_and_record`); a half-precision decode step on CUDA from one fused Triton kernel that
+   reads K and V once (kernels.decode_attention).
 2. Apply a per-layer key-validity mask. After per-layer eviction (PyramidKV) of a left-padded batch the
    layers hold different numbers of entries, so one mask built by transformers cannot fit all of them.
 3. After eviction, take each layer's mask from the evicted cache (cache.EvictableCache), which knows the
@@ -212,8 +215,12 @@ def attend_and_record(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """Attention of the last R = query rows (storage index Tk-R..) computed once for both duties: the output
     [B, R, Hq, D] (as transformers' attention functions return it) and the sum over rows of the softmax
     [B, Hq, Tk] fp32. For calls that record every row they run (decode steps, lookahead and draft rows), this
-    replaces SDPA plus a second product for the recording; GQA by grouping, no repeat_kv copies."""
+    replaces SDPA plus a second product for the recording; GQA by grouping, no repeat_kv copies. A decode step
+    (one row) in half precision goes to the fused kernel (kernels.decode_attention: K and V read once)."""
     b, hq, r, d = query.shape
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+    if r == 1 and kernels.pays(query) and not grad:
+        return kernels.decode_attention(query, key, value, scaling, key_valid)
     hkv, tk = key.shape[1], key.shape[2]
     g = hq // hkv
     q = query.reshape(b, hkv, g * r, d).reshape(b * hkv, g * r, d)

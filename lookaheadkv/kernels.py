@@ -11,6 +11,9 @@ A program serves every query head of its KV head's group, so each key tile is re
 Our attention uses it for inference on CUDA where it was measured to win (`pays`: half precision, at most
 64 rows); the PyTorch path stays for the rest, the CPU and training (it needs the autograd graph). Set
 LOOKAHEADKV_NO_TRITON=1 to force the PyTorch path everywhere.
+
+`decode_attention` serves a decode step that records its row (the target collector): output and softmax row
+of one query row per head, flash-decoding style, K and V read once (see its docstring).
 """
 
 from __future__ import annotations
@@ -197,3 +200,116 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_
         _row_sums[(b * hkv, n_blocks)](query, key, valid, lse, out, hkv, r, tk, first_row, scaling, *strides,
                                        ROW_BLOCKS=row_blocks, **common)
     return out
+
+
+# Keys a decode program reads and its warps (the fastest of 32-256 x 1-8 on the H200, SmolLM2's heads at B=1000 x
+# 1.5-3K and 360 x 8K keys: 0.64-1.3 ms, 3.1-3.4x the PyTorch path); keys a combine iteration normalises, blocks
+# it combines at once.
+DECODE_BLOCK_N, DECODE_WARPS, COMBINE_BLOCK, COMBINE_BLOCKS = 128, 2, 1024, 64
+
+if triton is not None:
+
+    # n_keys and n_blocks change every step, the flags' row stride every batch: not specialised on (each new
+    # value's divisibility by 16 would compile anew, seconds in a collection's batch)
+    @triton.jit(do_not_specialize=["n_keys", "n_blocks", "sm_b"])
+    def _decode_partials(q_ptr, k_ptr, v_ptr, valid_ptr, s_ptr, m_ptr, l_ptr, acc_ptr, heads_kv, n_keys, scaling,
+                         sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, n_blocks,
+                         HAS_VALID: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, D: tl.constexpr, BLOCK_DV: tl.constexpr, DV: tl.constexpr):
+        """Per (KV head, key block), for every query head of the group (the K and V tiles read once): the raw
+        scaled logits of its one row into s (-inf at pad keys), the block's max, sum of exp and exp-weighted V.
+        One row is no tensor-core tile (16 rows at least): fp32 products on the CUDA cores, exact for bf16."""
+        bkv, nb = tl.program_id(0), tl.program_id(1)
+        b, kv = (bkv // heads_kv).to(tl.int64), bkv % heads_kv  # int64: a full buffer can pass 2**31 elements
+        keys = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        k, valid = _key_tile(k_ptr, valid_ptr, b, kv, keys, n_keys, sk_b, sk_h, sk_t, sm_b, HAS_VALID, True,
+                             BLOCK_D, D)
+        v, _ = _key_tile(v_ptr, valid_ptr, b, kv, keys, n_keys, sv_b, sv_h, sv_t, sm_b, False, True, BLOCK_DV, DV)
+        visible = keys < n_keys
+        if HAS_VALID:
+            visible = visible & (valid != 0)
+        d, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+        for g in tl.static_range(GROUP):
+            h = kv * GROUP + g
+            bh = b * heads_kv * GROUP + h
+            q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
+            s = tl.where(visible, tl.sum(k * q[None, :], axis=1) * scaling, float("-inf"))
+            tl.store(s_ptr + bh * n_keys + keys, s, mask=keys < n_keys)
+            m = tl.max(s, axis=0)
+            e = tl.exp(s - tl.where(m == float("-inf"), 0.0, m))  # a block of pads only: all 0
+            tl.store(m_ptr + bh * n_blocks + nb, m)
+            tl.store(l_ptr + bh * n_blocks + nb, tl.sum(e, axis=0))
+            tl.store(acc_ptr + (bh * n_blocks + nb) * DV + dv, tl.sum(e[:, None] * v, axis=0), mask=dv < DV)
+
+    @triton.jit(do_not_specialize=["n_keys", "n_blocks"])
+    def _decode_combine(s_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, n_keys, n_blocks,
+                        BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Per query head: the log-sum-exp and output from the blocks' partials, then the logits in s turned
+        into probabilities in place. No valid key at all gives NaN, as the softmax of the PyTorch path does."""
+        bh = tl.program_id(0).to(tl.int64)
+        c, dv = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_DV)
+        top = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+        for start in range(0, n_blocks, BLOCK_C):
+            top = tl.maximum(top, tl.load(m_ptr + bh * n_blocks + start + c, mask=start + c < n_blocks,
+                                          other=float("-inf")))
+        mx = tl.max(top, axis=0)
+        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        o = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+        for start in range(0, n_blocks, BLOCK_C):
+            inside = start + c < n_blocks
+            w = tl.exp(tl.load(m_ptr + bh * n_blocks + start + c, mask=inside, other=float("-inf")) - mx)
+            total += w * tl.load(l_ptr + bh * n_blocks + start + c, mask=inside, other=0.0)
+            acc = tl.load(acc_ptr + (bh * n_blocks + start + c[:, None]) * DV + dv[None, :],
+                          mask=inside[:, None] & (dv[None, :] < DV), other=0.0)
+            o += tl.sum(acc * w[:, None], axis=0)
+        norm = tl.sum(total, axis=0)
+        lse = mx + tl.log(norm)
+        tl.store(out_ptr + bh * DV + dv, (o / norm).to(out_ptr.dtype.element_ty), mask=dv < DV)
+        keys = tl.arange(0, BLOCK_K)
+        for start in range(0, n_keys, BLOCK_K):
+            at = s_ptr + bh * n_keys + start + keys
+            tl.store(at, tl.exp(tl.load(at, mask=start + keys < n_keys, other=0.0) - lse), mask=start + keys < n_keys)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                     key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention.attend_and_record for one query row (a decode step; inference only): the output [B, 1, Hq, Dv]
+    in value's dtype and the softmax row [B, Hq, Tk] fp32 (0 at keys where key_valid [B, Tk] is False), for
+    query [B, Hq, 1, D] over key [B, Hkv, Tk, D] and value [B, Hkv, Tk, Dv] (views of a larger buffer: read
+    through their strides, never copied).
+
+    The PyTorch path takes five passes over [B, Hq, Tk] fp32 (a bf16 logits product into fp32, which cuBLAS
+    hands to a slow MAGMA kernel on the H200, then the mask, the softmax, a cast and the V product). Here two
+    launches: 1. per (KV head, key block), K and V read once for every query head of the group: raw logits
+    into the output buffer and the block's max, sum of exp and exp-weighted V (flash decoding); 2. per query
+    head: the log-sum-exp and output combined from those partials, and the logits turned into probabilities
+    in place. fp32 throughout; the output takes one rounding to value's dtype (the PyTorch path also rounds
+    the probabilities to it before the V product)."""
+    b, hq, r, d = query.shape
+    hkv, tk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    if r != 1:
+        raise ValueError(f"decode_attention takes one query row, not {r}")
+    if key_valid is not None and key_valid.shape[-1] != tk:  # the kernel reads exactly Tk flags a sequence
+        raise ValueError(f"key_valid holds {key_valid.shape[-1]} flags for {tk} keys")
+    query, key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key, value))
+    n_blocks = triton.cdiv(tk, DECODE_BLOCK_N)
+    probs = torch.empty((b, hq, tk), device=query.device, dtype=torch.float32)
+    m = torch.empty((b * hq, n_blocks), device=query.device, dtype=torch.float32)
+    l_sum = torch.empty_like(m)
+    acc = torch.empty((b * hq, n_blocks, dv), device=query.device, dtype=torch.float32)
+    out = torch.empty((b, 1, hq, dv), device=query.device, dtype=value.dtype)
+    if key_valid is not None:
+        key_valid = key_valid if key_valid.stride(-1) == 1 else key_valid.contiguous()
+        valid, sm_b = key_valid.view(torch.uint8), key_valid.stride(0) if key_valid.shape[0] > 1 else 0
+    else:
+        valid, sm_b = query, 0  # unused when HAS_VALID is False
+    block_dv = max(16, triton.next_power_of_2(dv))
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        _decode_partials[(b * hkv, n_blocks)](
+            query, key, value, valid, probs, m, l_sum, acc, hkv, tk, scaling, query.stride(0), query.stride(1),
+            *key.stride()[:3], *value.stride()[:3], sm_b, n_blocks, HAS_VALID=key_valid is not None,
+            GROUP=hq // hkv, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)), D=d,
+            BLOCK_DV=block_dv, DV=dv, num_warps=DECODE_WARPS)
+        _decode_combine[(b * hq,)](probs, m, l_sum, acc, out, tk, n_blocks,
+                                   BLOCK_C=COMBINE_BLOCKS, BLOCK_DV=block_dv, DV=dv, BLOCK_K=COMBINE_BLOCK)
+    return out, probs

@@ -1,5 +1,5 @@
-"""The fused Triton row attention equals the PyTorch path. Without a GPU it runs in Triton's CPU interpreter,
-in a subprocess, because the interpreter must be chosen before the kernels are defined."""
+"""The fused Triton row attention and decode attention equal the PyTorch path. Without a GPU they run in Triton's
+CPU interpreter, in a subprocess, because the interpreter must be chosen before the kernels are defined."""
 
 import json
 import os
@@ -88,14 +88,19 @@ print(json.dumps(out))
 """
 
 
-def test_fused_row_attention_equals_pytorch_path():
+def run_check(script: str) -> dict:
+    """The script's last printed line (JSON), run in Triton's CPU interpreter (LKV_TEST_CUDA=1: on the GPU)."""
     env = dict(os.environ, TRITON_INTERPRET="0" if os.environ.get("LKV_TEST_CUDA") else "1")
     env.pop("LOOKAHEADKV_NO_TRITON", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, cwd=root,
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_fused_row_attention_equals_pytorch_path():
+    out = run_check(CHECK)
     for case in out["cases"]:
         # every row's softmax sums to 1, so the row sums add up to the number of rows
         assert abs(case["sum"] - case["rows"]) < 1e-2 * case["rows"] ** 0.5, case
@@ -107,3 +112,78 @@ def test_fused_row_attention_equals_pytorch_path():
     assert out["chunked_max_err"] < 1e-5
     assert out["row_sums_max_err"] < 1e-5
     assert out["lse_snapkv_max_err"] < 1e-4  # the normaliser from the attention kernel in bf16's arithmetic
+
+
+DECODE = r"""
+import json, torch
+from lookaheadkv import kernels
+from lookaheadkv.attention import attend_and_record
+from lookaheadkv.collect import collect_batch
+from tests.conftest import tiny_model
+
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+out = {"cases": []}
+torch.manual_seed(0)
+# (batch, q heads, kv heads, keys, head dim, left pads per sequence or None, dtype); one whole key block of pads
+cases = [(3, 9, 3, 300, 64, [0, 140, 5], torch.float32), (1, 4, 4, 70, 16, None, torch.float32),
+         (3, 7, 1, 257, 16, None, torch.float32), (3, 14, 2, 257, 16, [3, 0, 100], torch.bfloat16),
+         (1, 6, 2, 70, 64, [9], torch.bfloat16)]
+for b, hq, hkv, tk, d, pads, dtype in cases:
+    # keys and values: the filled part of a larger buffer; the query: a strided slice
+    kbuf, vbuf = (torch.randn(b, hkv, tk + 30, d, device=dev).to(dtype) for _ in range(2))
+    k, v = kbuf[:, :, :tk], vbuf[:, :, :tk]
+    q = torch.randn(b, hq, 3, d, device=dev).to(dtype)[:, :, 1:2]
+    valid = None
+    if pads is not None:
+        valid = torch.ones(b, tk + 30, dtype=torch.bool, device=dev)[:, :tk]
+        for i, n in enumerate(pads):
+            valid[i, :n] = False
+    o, p = kernels.decode_attention(q, k, v, 0.125, valid)
+    with kernels.disabled():
+        ro, rp = attend_and_record(q.float(), k.float(), v.float(), 0.125, valid)  # the PyTorch path, same values
+    err = (o.float() - ro).abs()
+    hidden = torch.zeros_like(p, dtype=torch.bool) if valid is None else ~valid[:, None].expand_as(p)
+    out["cases"].append({"dtype": str(dtype), "shape": list(o.shape), "ref_shape": list(ro.shape),
+                         "out_dtype": str(o.dtype), "probs_err": (p - rp).abs().max().item(),
+                         "out_err": err.max().item(), "out_rel": (err - 2 ** -7 * ro.abs()).max().item(),
+                         "sum_err": (p.sum(-1) - 1).abs().max().item(),
+                         "hidden_max": p[hidden].abs().max().item() if hidden.any() else 0.0})
+# A sequence with no valid key (never in the collector): NaN, as the PyTorch path gives
+q, k = torch.randn(2, 4, 1, 16, device=dev), torch.randn(2, 2, 20, 16, device=dev)
+none = torch.ones(2, 20, dtype=torch.bool, device=dev)
+none[1] = False
+o, p = kernels.decode_attention(q, k, k, 0.125, none)
+with kernels.disabled():
+    ro, rp = attend_and_record(q, k, k, 0.125, none)
+out["no_key_nan"] = [bool(o[1].isnan().all()), bool(ro[1].isnan().all()), bool(o[0].isfinite().all())]
+# End to end: the collector's decode steps on the kernel (a bf16 model: kernels.pays) vs the PyTorch path
+calls, fused = [0], kernels.decode_attention
+def counted(*args):
+    calls[0] += 1
+    return fused(*args)
+kernels.decode_attention = counted
+model = tiny_model().to(torch.bfloat16).to(dev)
+prompts = [torch.arange(5, 45) % 128, torch.arange(9, 30) % 128, (torch.arange(70) * 7) % 128]
+got = collect_batch(model, [x.to(dev) for x in prompts], 6, set())
+with kernels.disabled():
+    ref = collect_batch(model, [x.to(dev) for x in prompts], 6, set())
+out["same_responses"] = all(torch.equal(a.response, b.response) for a, b in zip(got, ref))
+out["responses"] = [len(a.response) for a in got]
+out["truth_err"] = max((a.truth - b.truth).abs().max().item() for a, b in zip(got, ref))
+out["kernel_calls"] = calls[0]
+print(json.dumps(out))
+"""
+
+
+def test_fused_decode_attention_equals_pytorch_path():
+    out = run_check(DECODE)
+    for case in out["cases"]:
+        assert case["shape"] == case["ref_shape"] and case["sum_err"] < 1e-5 and case["hidden_max"] == 0.0, case
+        if case["dtype"] == "torch.float32":
+            assert case["probs_err"] <= 1e-6 and case["out_err"] <= 1e-5, case
+        else:  # the output takes one rounding to bf16 (the interpreter truncates: up to one ulp, 2**-7)
+            assert case["out_dtype"] == "torch.bfloat16" and case["probs_err"] <= 1e-5 and case["out_rel"] <= 1e-6, case
+    assert out["no_key_nan"] == [True, True, True]
+    assert out["same_responses"] and out["responses"] == [6, 6, 6]
+    assert out["truth_err"] <= 1e-3
+    assert out["kernel_calls"] == 3 * 6  # every layer's every decode step took the kernel, and only with it on
