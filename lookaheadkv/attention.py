@@ -149,6 +149,11 @@ def row_sums(query: torch.Tensor, key: torch.Tensor, scaling: float, first_row: 
     return logits.exp_().sum(dim=3).reshape(b, hq, tk)
 
 
+def _needs_grad(*xs: torch.Tensor) -> bool:
+    """Whether this call builds an autograd graph (training): the fused kernels have no backward."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
 def _score_dtype(x: torch.Tensor) -> torch.dtype:
     """Scores are computed in fp32, or in fp64 for a float64 model (the tests' tiny models, exact to 1e-12)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -165,7 +170,7 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, first_
     hkv, tk = key.shape[1], key.shape[2]
     dt = _score_dtype(query)
     q = query.to(dt).view(b, hkv, hq // hkv, r, d)
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+    if _needs_grad(query, key):
         logits = torch.einsum("bhgrd,bhkd->bhgrk", q, key.to(dt)) * scaling
         mask = storage_mask(key_valid, r, tk, first_row, device=query.device)  # [B|1, 1, R, Tk]
         logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
@@ -218,8 +223,7 @@ def attend_and_record(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     replaces SDPA plus a second product for the recording; GQA by grouping, no repeat_kv copies. A decode step
     (one row) in half precision goes to the fused kernel (kernels.decode_attention: K and V read once)."""
     b, hq, r, d = query.shape
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
-    if r == 1 and kernels.pays(query) and not grad:
+    if r == 1 and kernels.pays(query) and not _needs_grad(query, key, value):
         return kernels.decode_attention(query, key, value, scaling, key_valid)
     hkv, tk = key.shape[1], key.shape[2]
     g = hq // hkv

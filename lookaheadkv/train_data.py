@@ -193,12 +193,12 @@ def _retrieval(i, rng, target, count):
         asked = rng.choice(lines).split(":")[0].removeprefix("Entry ")
         return TrainPrompt(f"retrieval:{i}", "retrieval", "\n".join(lines), f"What is the value of entry {asked}?")
     if kind == "keyed":  # random-token keys and values (UUIDs): nothing in the question's words ranks the value
-        lines, total = [], 0
+        keys, lines, total = [], [], 0
         while total < target:
-            line = f"Record {_uuid(rng)} has the token {_uuid(rng)}."
-            lines.append(line)
-            total += count(line) + 1
-        asked = [ln.split()[1] for ln in rng.sample(lines, min(len(lines), rng.choice([1, 1, 2, 3])))]
+            keys.append(_uuid(rng))
+            lines.append(f"Record {keys[-1]} has the token {_uuid(rng)}.")
+            total += count(lines[-1]) + 1
+        asked = rng.sample(keys, min(len(keys), rng.choice([1, 1, 2, 3])))
         question = (f"What is the token of record {asked[0]}?" if len(asked) == 1 else
                     f"What are the tokens of the records {', '.join(asked)}? Give each record's token.")
         return TrainPrompt(f"retrieval:{i}", "retrieval", "\n".join(lines), question)
