@@ -43,7 +43,8 @@ def test_a_file_goes_over_in_chunks_and_comes_together_once(tmp_path):
         for n in names:
             (carried / n).write_bytes((tmp_path / "split" / n).read_bytes())
         if damage:
-            (carried / damage).write_bytes(b"x" + (tmp_path / "split" / damage).read_bytes()[1:])
+            good = (tmp_path / "split" / damage).read_bytes()
+            (carried / damage).write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])  # always differs
         return sh(stage, "park", "big", LKV_DIR=str(lkv), LKV_SRC=str(carried), LKV_ENV="1")[1]
 
     assert "big: 1 of 3 chunks here, missing chunk.01 chunk.02" in call("chunk.00")
