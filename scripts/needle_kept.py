@@ -40,11 +40,11 @@ def spans(tokenizer, text: str, needles: list[str]) -> list[list[int]]:
     return out
 
 
-def held(kept: list[torch.Tensor | None], idx: list[int]) -> torch.Tensor:
+def held(kept: list[torch.Tensor | None], idx: list[int], n_kv: int) -> torch.Tensor:
     """[layers x Hkv, len(idx)] bool: which of the positions `idx` each layer's KV head keeps ([1, Hkv, k] per
     layer; None: the layer keeps everything)."""
     want = torch.tensor(idx)
-    return torch.cat([torch.ones(1, len(idx), dtype=torch.bool) if k is None
+    return torch.cat([torch.ones(n_kv, len(idx), dtype=torch.bool) if k is None
                       else torch.stack([torch.isin(want, h) for h in k[0].cpu()]) for k in kept])
 
 
@@ -87,7 +87,7 @@ def main() -> None:
                 row = {"id": s.id, "method": name, "budget": b, "prompt_tokens": ids.shape[1],
                        "value_tokens": len(value_idx), "key_tokens": len(key_idx)}
                 for part, idx in (("value", value_idx), ("key", key_idx)):
-                    m = held(kept, idx)
+                    m = held(kept, idx, n_kv)
                     o = oracle.setdefault((part, b), m)  # the oracle comes first
                     row[f"{part}_held"] = float(m.float().mean())
                     row[f"{part}_of_oracle"] = float((m & o).sum() / o.sum().clamp_min(1))
