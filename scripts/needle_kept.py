@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from lookaheadkv.evaluation.metrics import mean_ci
-from lookaheadkv.evaluation.runner import answer_importance, load_samples, render
+from lookaheadkv.evaluation.runner import answer_importance, encode_sample, load_samples, render
 from lookaheadkv.generate import select_kept
 from lookaheadkv.methods import get_method
 from lookaheadkv.models import load_model
@@ -66,18 +66,17 @@ def main() -> None:
     model, tok = load_model(a.model, device=a.device)
     methods = {name: get_method(name) for name in a.methods.split(",")}
     plain = get_method("lookahead")  # the oracle's selection: top-B per head, nothing forced, no pooling
+    windows = sorted({m.prefill_rows() for m in methods.values() if m.prefill_rows()})
+    n_kv = model.config.num_key_value_heads
     rows, t0 = [], time.perf_counter()
     for s in tqdm(samples, desc=f"{a.task} samples"):
-        head, tail = render(tok, s)
-        text = head + tail
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=model.device)
+        head_ids, tail_ids = encode_sample(tok, s)  # the evaluation's very prompt: context, then the rest
+        ids = torch.tensor([head_ids + tail_ids], device=model.device)
         value, key = s.answers[0], s.meta["keys"][0]
-        value_idx, key_idx = spans(tok, head, [value, key])  # both inside the context part
-        windows = sorted({m.prefill_rows() for m in methods.values() if m.prefill_rows()})
+        value_idx, key_idx = spans(tok, render(tok, s)[0], [value, key])  # both inside the context part
         pf = prefill(model, ids, None, record_rows=windows)
         answer = tok(" " + value, add_special_tokens=False)["input_ids"]
         truth = answer_importance(model, pf, answer, len(answer))
-        n_kv = model.config.num_key_value_heads
         scored = {"oracle (the answer's own attention)": score(truth, n_kv, "none", 1, "mean")}
         scored.update({name: m.scores(model, pf.clone()) for name, m in methods.items()})
         oracle = {}
