@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lookaheadkv.evaluation.metrics import mean_ci
 from lookaheadkv.evaluation.runner import answer_importance, encode_sample, load_samples, render
 from lookaheadkv.generate import select_kept
-from lookaheadkv.methods import get_method
+from lookaheadkv.methods import get_method, parse_methods
 from lookaheadkv.models import load_model
 from lookaheadkv.prefill import prefill
 from lookaheadkv.scoring import score
@@ -64,7 +64,7 @@ def main() -> None:
     if not samples:
         sys.exit(f"no {a.task} samples in {a.samples}")
     model, tok = load_model(a.model, device=a.device)
-    methods = {name: get_method(name) for name in a.methods.split(",")}
+    methods = parse_methods(a.methods)  # specs with options too: "lookahead:pooling=avg:kernel=3"
     plain = get_method("lookahead")  # the oracle's selection: top-B per head, nothing forced, no pooling
     windows = sorted({m.prefill_rows() for m in methods.values() if m.prefill_rows()})
     n_kv = model.config.num_key_value_heads
