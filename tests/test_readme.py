@@ -1,6 +1,7 @@
 """The README's promises stay executable: its commands exist and CI runs its test command."""
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,12 @@ def test_every_command_the_readme_shows_exists():
     assert {"recall", "eval", "report", "bench", "train", "generate"} <= shown
     assert shown <= set(main.commands)
     assert "python -m lookaheadkv.recall" not in README
+
+
+def test_docs_eval_tables_are_the_committed_rows():
+    # docs/eval.md once kept LAQ's superseded rows after results/eval had replaced them
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import eval_doc
+
+    doc = (ROOT / "docs" / "eval.md").read_text(encoding="utf-8")
+    assert eval_doc.render(doc) == doc, "docs/eval.md is stale: run python scripts/eval_doc.py"
