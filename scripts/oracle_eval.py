@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from lookaheadkv.evaluation import runner
 from lookaheadkv.generate import evict
-from lookaheadkv.importance import true_importance
 from lookaheadkv.methods import Method
 from lookaheadkv.models import load_model
 from lookaheadkv.prefill import prefill
@@ -49,18 +48,15 @@ def oracle_rows(ev: runner.Evaluator, samples, max_new: int) -> list[dict]:
     pf = prefill(model, ids, valid)
     full = runner.Copy("full", None, pf, [None] * layers, pf.key_valid(layers), pf.length, 0.0)
     first = runner.decode_copies(model, [full], None, ev.eos, max_new)[0]
-    truths = [true_importance(model, runner.slice_prefill(pf, i), torch.tensor([a])) if a else None
-              for i, a in enumerate(first)]
-    have = next(t for t in truths if t is not None)
-    truth = [torch.cat([t[li] if t is not None else torch.zeros_like(have[li]) for t in truths])
-             for li in range(layers)]
+    truths = ev.answer_truths(enc, pf, first)  # also what the rows' recall is judged against
+    truth = runner.stacked(truths)
     copies = []
     for b in ev.budgets:
         c = pf.clone()
         e = evict(model, c, Oracle(truth=truth), b)
         copies.append(runner.Copy("oracle", b, c, e.kept, e.key_valid, e.budget, e.seconds))
     answers = [first] + runner.decode_copies(model, copies, None, ev.eos, max_new)
-    return ev._rows(samples, enc, pf, [full] + copies, answers)
+    return ev._rows(samples, enc, pf, [full] + copies, answers, truths)
 
 
 def main() -> None:

@@ -377,27 +377,30 @@ class Evaluator:
         with self.stage("truth, recall, rows"):
             return self._rows(samples, enc, pf, copies, answers)
 
-    def _rows(self, samples, enc, pf, copies, answers) -> list[dict]:
-        tok = self.tokenizer
-        texts = [[tok.decode(a, skip_special_tokens=True).strip() for a in per] for per in answers]
+    def answer_truths(self, enc, pf, full_answers) -> list[list[torch.Tensor] | None]:
+        """Per sample, per layer [1, Hq, L]: the attention of the full cache's answer onto the prompt (None where
+        it answered nothing)."""
         truths: list[list[torch.Tensor] | None] = []
-        for i in range(len(samples)):
-            full_ids = answers[0][i]
+        for i, full_ids in enumerate(full_answers):
             if not full_ids:  # no answer, no true importance
                 truths.append(None)
             elif self.query_agnostic:
                 truths.append(answer_importance(self.model, slice_prefill(pf, i), enc[i][1] + full_ids, len(full_ids)))
             else:
                 truths.append(true_importance(self.model, slice_prefill(pf, i), torch.tensor([full_ids])))
-        have = next((t for t in truths if t is not None), None)
+        return truths
+
+    def _rows(self, samples, enc, pf, copies, answers, truths=None) -> list[dict]:
+        """Rows of every copy; truths: answer_truths of answers[0], when the caller has them already."""
+        tok = self.tokenizer
+        texts = [[tok.decode(a, skip_special_tokens=True).strip() for a in per] for per in answers]
+        truth = stacked(self.answer_truths(enc, pf, answers[0]) if truths is None else truths)
         recalls: list[list[float | None]] = []
-        if have is not None:
-            truth = [torch.cat([t[li] if t is not None else torch.zeros_like(have[li]) for t in truths])
-                     for li in range(len(have))]
+        if truth is not None:
             tops: dict = {}
             for c in copies:
                 r = recall_per_sequence(truth, c.kept, c.effective, self.n_kv, pf.valid, tops).tolist()
-                recalls.append([None if t is None else v for t, v in zip(truths, r)])
+                recalls.append([None if not a else v for a, v in zip(answers[0], r)])
         else:
             recalls = [[None] * len(samples) for _ in copies]
         rows = []
@@ -418,6 +421,15 @@ class Evaluator:
                     row["answers"] = s.answers
                 rows.append(row)
         return rows
+
+
+def stacked(truths: Sequence[list[torch.Tensor] | None]) -> list[torch.Tensor] | None:
+    """Per-sample truths -> per layer [B, Hq, L], zeros for a sample without one; None if no sample has one."""
+    have = next((t for t in truths if t is not None), None)
+    if have is None:
+        return None
+    return [torch.cat([t[li] if t is not None else torch.zeros_like(have[li]) for t in truths])
+            for li in range(len(have))]
 
 
 def sample_id(task: str, length: int, seed: int, index: int) -> str:
