@@ -46,12 +46,12 @@ def run(out: str, targets: str | None = None, kill_at: int | None = None, fit: b
     if kill_at is not None:
         real, calls = tr.batch_loss, {"n": 0}
 
-        def killing(model, mod, targets, grad, budgets=()):
+        def killing(model, mod, targets, grad, **kw):
             if grad:
                 calls["n"] += 1
                 if calls["n"] == kill_at and int(os.environ.get("RANK", "0")) == 0:
                     os.kill(os.getpid(), signal.SIGKILL)
-            return real(model, mod, targets, grad, budgets)
+            return real(model, mod, targets, grad, **kw)
 
         tr.batch_loss = killing
     cfg = config(time_limit=1e6, fit_time_limit=True) if fit else config()

@@ -2,6 +2,7 @@
 the content-hash store, loss, one step, a whole run, resume, and the refusals."""
 
 import json
+import math
 import types
 
 import pytest
@@ -146,6 +147,31 @@ def test_kl_loss_matches_a_reference_and_is_zero_at_the_truth():
     assert float(tr.kl_loss([truth[:, i] * 3 for i in range(3)], truth)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_topk_loss_matches_a_per_head_reference_and_is_zero_on_exactly_the_set():
+    g = torch.Generator().manual_seed(0)
+    n_kv, k = 2, 4
+    truth = torch.rand(2, 3, 4, 10, generator=g) ** 4
+    truth[1, ..., :8] = 0  # left padding: the second sequence has 2 real positions, fewer than k
+    pred = [torch.rand(2, 4, 10, generator=g) for _ in range(3)]
+    ref = []
+    for b in range(2):
+        for layer in range(3):
+            for h in range(n_kv):
+                t = truth[b, layer, 2 * h:2 * h + 2].mean(0)
+                p = pred[layer][b, 2 * h:2 * h + 2].mean(0)
+                members = [j for j in t.argsort(descending=True)[:k].tolist() if t[j] > 0]
+                ce = -sum(math.log(p[j] / p.sum()) for j in members) / len(members)
+                ref.append(ce - math.log(len(members)))
+    assert float(tr.topk_loss(pred, truth, n_kv, k)) == pytest.approx(sum(ref) / len(ref), rel=1e-5)
+    # uniform on each KV head's true top-k (its two query heads alike): the floor, 0
+    kv = truth.view(2, 3, n_kv, 2, 10).mean(3)
+    val, top = kv.topk(k, dim=-1)
+    on_set = torch.zeros_like(kv).scatter_(-1, top, (val > 0).float())
+    exact = [on_set[:, layer].repeat_interleave(2, dim=1) for layer in range(3)]
+    assert float(tr.topk_loss(exact, truth, n_kv, k)) == pytest.approx(0.0, abs=1e-6)
+    assert float(tr.topk_loss([x + 0.01 for x in exact], truth, n_kv, k)) > 0.01
+
+
 def test_batched_recall_equals_the_one_sequence_form_and_ignores_pads():
     g = torch.Generator().manual_seed(1)
     truth = torch.rand(2, 3, 4, 30, generator=g)
@@ -161,7 +187,8 @@ def test_batched_recall_equals_the_one_sequence_form_and_ignores_pads():
     assert recall_per_sequence(list(truth.unbind(1)), everything, 25, 2, valid)[1].item() == pytest.approx(1.0)
 
 
-def test_one_training_step_lowers_the_loss_on_that_batch():
+@pytest.mark.parametrize("topk", [(0.0, 64), (1.0, 4)])
+def test_one_training_step_lowers_the_loss_on_that_batch(topk):
     model = tiny_model()
     model.requires_grad_(False)
     targets = collect_batch(model, sorted(prompts(4, seed=1), key=len), 8, set())
@@ -170,7 +197,7 @@ def test_one_training_step_lowers_the_loss_on_that_batch():
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-2)
-    before, _ = tr.batch_loss(model, mod, targets, grad=True)
+    before, _ = tr.batch_loss(model, mod, targets, grad=True, topk=topk)
     before.backward()
     assert float(mod.embeddings.grad.abs().sum()) > 0
     # every LoRA before the last layer's attention scores feeds the loss (the last layer's v, o and MLP cannot)
@@ -178,7 +205,7 @@ def test_one_training_step_lowers_the_loss_on_that_batch():
     assert all(g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if "layers.2." not in n)
     assert all(p.grad is None for n, p in model.named_parameters() if ".lookahead." not in n)  # model frozen
     opt.step()
-    after, _ = tr.batch_loss(model, mod, targets, grad=False)
+    after, _ = tr.batch_loss(model, mod, targets, grad=False, topk=topk)
     assert after.item() < before.item()
 
 
@@ -255,12 +282,12 @@ def interrupt_at(monkeypatch, k):
     """tr.batch_loss raising KeyboardInterrupt at the k-th training step; returns the real one."""
     real, calls = tr.batch_loss, {"n": 0}
 
-    def interrupted(model, mod, targets, grad, budgets=()):
+    def interrupted(model, mod, targets, grad, **kw):
         if grad:
             calls["n"] += 1
             if calls["n"] == k:
                 raise KeyboardInterrupt
-        return real(model, mod, targets, grad, budgets)
+        return real(model, mod, targets, grad, **kw)
 
     monkeypatch.setattr(tr, "batch_loss", interrupted)
     return real
@@ -351,6 +378,7 @@ def test_prompt_files_round_trip(tmp_path):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--lr", "0"], "--lr > 0"),
+    (["--topk-weight", "-1"], "need --topk-weight >= 0"),
 ])
 def test_train_refuses_bad_options_in_one_line(tmp_path, args, message):
     res = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "m"), *args])
