@@ -159,9 +159,10 @@ def topk_loss(pred: list[torch.Tensor], truth: torch.Tensor, n_kv: int, k: int, 
     dt = torch.float64 if pred[0].dtype == torch.float64 else torch.float32
     p = torch.stack(pred, dim=1).to(dt)
     b, layers, hq, length = p.shape
-    p = p.view(b, layers, n_kv, hq // n_kv, length).mean(dim=3)  # as scoring.score reduces them, then normalised
+    # onto the KV heads as selection scores the prediction and recall ranks the truth; the prediction normalised
+    p = scoring.reduce_gqa(p.view(b * layers, hq, length), n_kv, "mean")
     p = p / p.sum(dim=-1, keepdim=True).clamp_min(eps)
-    t = truth.to(dt).view(b, layers, n_kv, hq // n_kv, length).mean(dim=3)  # as recall ranks the truth
+    t = scoring.reduce_gqa(truth.to(dt).view(b * layers, hq, length), n_kv, "mean")
     top_t, top = t.topk(min(k, length), dim=-1)
     member = (top_t > 0).to(dt)
     count = member.sum(dim=-1).clamp_min(1)
