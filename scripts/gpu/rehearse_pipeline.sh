@@ -26,7 +26,10 @@ export COMPARE_METHODS=${COMPARE_METHODS:-snapkv,laq} COST_CONTEXTS=512 COST_BUD
 export TARGETS_LIMIT=300 MAIN_LIMIT=300
 export COST_METHODS=${COST_METHODS:-full,snapkv,lookahead} OUT=$LKV_DIR/out
 echo "LKV_DIR=$LKV_DIR"
-source scripts/gpu/device_setup.sh > /dev/null
+# device_setup.sh's environment without its parking: it would assemble and convert every model this checkout has
+# staged in .gpu/ (the 1.5B's 1.1 GB on this CPU), and its "converting" status stopped this script under set -e
+# (parking is rehearsed by scripts/gpu/rehearse_stage.sh)
+export LKV_ENV=1 PYTHONUNBUFFERED=1
 LEASE_LEFT=1500 bash scripts/gpu/start.sh "$model:targets,main,bf16,cost,eval;$model:compare"
 bash scripts/gpu/start.sh "$model:targets,main,bf16,cost,eval;$model:compare"  # a later call: reports only
 bash scripts/gpu/wait_for.sh "$model:eval" 1500 > /dev/null
