@@ -21,7 +21,8 @@
 #     Every call carries the tree: with the shipped modules' weights tracked (27 MB) a chunk gets ~21 MiB (75
 #     calls); on 2026-12-02 19:00 they were left out of the index for the lease (`git rm --cached` + an entry in
 #     .git/info/exclude, restored after) and `CHUNK_MIB=48 stage.sh qwen` made 33 calls, the first carrying the
-#     1.5B's adapter for INIT=shipped.
+#     1.5B's adapter for INIT=shipped. The tree grows: on 2026-12-07 it was 17.7 MiB without those weights, and 48
+#     MiB chunks no longer fit beside it (plan_calls.py says so); CHUNK_MIB=44 made 25 calls for the 1.5B.
 #   calls 1..N (~4 min), back to back: run(carry=LINE, command="source scripts/gpu/device_setup.sh;
 #     LEASE_LEFT=S bash scripts/gpu/start.sh qwen"), S = the seconds from the first call until the last one must
 #     begin (status's budget_left_s less ~240 for the final collection and margin; read once). The 1.5B converts
