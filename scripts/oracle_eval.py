@@ -56,7 +56,7 @@ def oracle_rows(ev: runner.Evaluator, samples, max_new: int) -> list[dict]:
         e = evict(model, c, Oracle(truth=truth), b)
         copies.append(runner.Copy("oracle", b, c, e.kept, e.key_valid, e.budget, e.seconds))
     answers = [first] + runner.decode_copies(model, copies, None, ev.eos, max_new)
-    return ev._rows(samples, enc, pf, [full] + copies, answers, truths)
+    return ev.rows(samples, enc, pf, [full] + copies, answers, truths)
 
 
 def main() -> None:

@@ -375,7 +375,7 @@ class Evaluator:
         with self.stage("decode"):
             answers = decode_copies(model, copies, suffix, self.eos, max_new)
         with self.stage("truth, recall, rows"):
-            return self._rows(samples, enc, pf, copies, answers)
+            return self.rows(samples, enc, pf, copies, answers)
 
     def answer_truths(self, enc, pf, full_answers) -> list[list[torch.Tensor] | None]:
         """Per sample, per layer [1, Hq, L]: the attention of the full cache's answer onto the prompt (None where
@@ -390,8 +390,9 @@ class Evaluator:
                 truths.append(true_importance(self.model, slice_prefill(pf, i), torch.tensor([full_ids])))
         return truths
 
-    def _rows(self, samples, enc, pf, copies, answers, truths=None) -> list[dict]:
-        """Rows of every copy; truths: answer_truths of answers[0], when the caller has them already."""
+    def rows(self, samples, enc, pf, copies, answers, truths=None) -> list[dict]:
+        """The evaluation rows of every copy (answers[0]: the full cache's); truths: answer_truths of answers[0],
+        when the caller has them already (scripts/oracle_eval.py writes its rows through this)."""
         tok = self.tokenizer
         texts = [[tok.decode(a, skip_special_tokens=True).strip() for a in per] for per in answers]
         truth = stacked(self.answer_truths(enc, pf, answers[0]) if truths is None else truths)
