@@ -4,6 +4,11 @@
 # scores missed random keys), then its lookahead rows at 4K/8K x25 and 16K x10 (issue 13); beside the 1.5B's
 # staging, the collector's decode A/B on SmolLM2 (scripts/gpu/ab_decode.py: issue 11's collection target), which
 # the 1.5B's stages wait for (knobs.env). QWEN=0: the A/B alone.
+# Ran 2026-12-07 22:49-23:12 on an H100 (after two refused starts, 361 s): the 28 calls took 20-40 s each, not
+# 13, so the knobs were cut on the way (TARGETS_LIMIT=170 MAIN_LIMIT=220, appended to knobs.env) and the stages
+# after `main` did not fit: the A/B (results/train/smollm2_h100/ab_decode_2026-12-07/) and the module's training
+# (results/train/qwen2.5-coder-1.5b-instruct_h100/runs/2026-12-07_uuid/) came back, no RULER rows. On a 30-minute
+# budget the 1.5B's transfer (~10 min) leaves room for training OR its RULER rounds, not both.
 #   CPU, before: `CHUNK_MIB=44 bash scripts/gpu/stage.sh qwen` (prompts with the UUID records, samples, chunks),
 #     `CHUNK_MIB=44 bash scripts/gpu/stage_model.sh split smollm2-135m-instruct`, the bench prompts (stage.sh
 #     smollm2's second `lkv prompts`, xz'd), and the calls: `bash scripts/gpu/stage_model.sh plan
