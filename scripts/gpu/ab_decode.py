@@ -128,7 +128,7 @@ def main() -> None:
               f"for those the truth differs by at most {diff:.2e} (fp16 store)."]
     for name, r in res.get("against_fp32", {}).items():
         lines.append(f"Against the model in fp32 on the first {r['answered_by_both']} prompts, {name}: identical "
-                     f"responses {r['identical_responses']} ({r['identical_share']:.4f}), truth within "
+                     f"responses {r['identical_responses']} ({r['identical_share'] or 0:.4f}), truth within "
                      f"{r['truth_max_abs_diff']:.2e} on those.")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "ab.json").write_text(json.dumps(res, indent=1) + "\n")
