@@ -761,7 +761,7 @@ def prompts_command(model_name, out, samples, min_tokens, max_tokens, families, 
 @click.option("--samples", type=int, help="the first SAMPLES prompts of the file (default: all)")
 @click.option("--response-tokens", default=256, show_default=True, help="greedy response cap (paper: 512)")
 @click.option("--batch-tokens", type=int, help="buffer tokens per collection batch (default: from free memory)")
-@click.option("--time-limit", type=float, help="seconds (a random subset is left for a later run)")
+@click.option("--time-limit", type=float, help="seconds (what is left, spread over the lengths, waits for a rerun)")
 @click.option("--seed", default=0, show_default=True, help="batch order")
 @click.option("--device", default="cpu", show_default=True)
 def targets_command(model_name, prompts_file, targets_dir, samples, response_tokens, batch_tokens, time_limit, seed,

@@ -7,9 +7,9 @@
 #
 # Stages, in the order STAGES names them (NAME& runs in the background beside the stages after it):
 #   bench    the trainer's benchmark (collection and training throughput, target forms) -> results/train/
-#   targets  responses (cap CAP) + true importance for the first N_MAIN prompts of P, within TARGETS_LIMIT (a
-#            seeded random subset of batches when it runs out), and cap CAP2 for the first N_ABL if an ablation
-#            trains on them
+#   targets  responses (cap CAP) + true importance for the first N_MAIN prompts of P, within TARGETS_LIMIT (its
+#            batches spread over the lengths when it runs out: train.spread_order), and cap CAP2 for the first
+#            N_ABL if an ablation trains on them
 #   sweep    learning rate on the N_ABL subset (LRS, one epoch each, in parallel); the best by validation
 #            recall@64 is main's LR (else LR)
 #   main     the module on every prompt with a target (EPOCHS, BS, within MAIN_LIMIT: the schedule is fitted to
