@@ -157,12 +157,13 @@ class EvictableCache(DynamicCache):
         self._rows_at: torch.Tensor | None = None
         self.padded = False  # a pad was ever appended: masks are ours after eviction
 
-    def begin(self, position_ids: torch.Tensor | None, valid: torch.Tensor | None = None) -> None:
+    def begin(self, position_ids: torch.Tensor | None, valid: torch.Tensor | None = None,
+              padded: bool | None = None) -> None:
         """The next forward appends rows at `position_ids` [B or 1, q] (None: each sequence's next positions);
-        `valid` [B, q] marks pad rows False."""
+        `valid` [B, q] marks pad rows False; `padded`: whether it has any (None: looked up, a host sync)."""
         if position_ids is not None and valid is not None:
             position_ids = torch.where(valid.bool(), position_ids, -1)
-            self.padded = self.padded or not bool(valid.all())
+            self.padded = self.padded or (not bool(valid.all()) if padded is None else padded)
         self._rows_at = position_ids
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):

@@ -41,15 +41,16 @@ def sdpa_backends(device: torch.device, prompt: bool) -> list[SDPBackend] | None
 
 
 def forward(model, cache: DynamicCache, position_ids: torch.Tensor, input_ids: torch.Tensor | None = None,
-            inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 1, valid: torch.Tensor | None = None):
-    """One model call over new rows appended to `cache` at `position_ids` (`valid` False at pad rows);
-    returns the logits.
+            inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 1, valid: torch.Tensor | None = None,
+            padded: bool | None = None):
+    """One model call over new rows appended to `cache` at `position_ids` (`valid` False at pad rows; `padded`:
+    whether there are any, if known); returns the logits.
 
     Every model call of the pipeline comes through here, so SDPA's backends are chosen here, once a call
     (sdpa_backends)."""
     backends = sdpa_backends(model.device, cache.get_seq_length() == 0)
     if isinstance(cache, EvictableCache):
-        cache.begin(position_ids, valid)
+        cache.begin(position_ids, valid, padded)
     with sdpa_kernel(backends) if backends else contextlib.nullcontext(), active_cache(cache):
         out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=True,
                     logits_to_keep=logits_to_keep, **{_cache_kw(model): cache})
@@ -66,6 +67,7 @@ class Prefill:
     next_logits: torch.Tensor  # [B, V] logits of the first answer token
     recordings: dict[int, Recording]  # rows recorded (-1: all) -> their attention onto the prompt
     extra: Recording | None = None  # the ExtraRows' attention onto the prompt, when the prefill ran them
+    has_pads: bool | None = None  # whether `valid` has a False (None: not yet looked up; see `padded`)
 
     @property
     def recording(self) -> Recording:
@@ -85,7 +87,10 @@ class Prefill:
 
     @property
     def padded(self) -> bool:
-        return not bool(self.valid.all())
+        """Whether any position is a pad: known from the prefill, else looked up once (a host sync)."""
+        if self.has_pads is None:
+            self.has_pads = not bool(self.valid.all())
+        return self.has_pads
 
     def clone(self) -> Prefill:
         """A copy that one method may evict, extend and crop without touching this one, so one prefill serves
@@ -96,7 +101,7 @@ class Prefill:
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
         return Prefill(cache, self.input_ids, self.valid, self.next_logits,
                        {r: rec.copy() for r, rec in self.recordings.items()},
-                       None if self.extra is None else self.extra.copy())
+                       None if self.extra is None else self.extra.copy(), self.has_pads)
 
     def key_valid(self, n_layers: int) -> list[torch.Tensor] | None:
         return [self.valid] * n_layers if self.padded else None
@@ -119,20 +124,25 @@ def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
             record_rows: int | Sequence[int] = 0, extra: ExtraRows | None = None,
-            cache: DynamicCache | None = None) -> Prefill:
+            cache: DynamicCache | None = None, padded: bool | None = None) -> Prefill:
     """Run the prompt through the model into a fresh cache (or `cache`, empty, e.g. one writing into
     preallocated buffers); record the last `record_rows` rows' attention (-1: every row, in chunks; 0: none).
     Several row counts can be recorded in one prefill, so one prefill serves every method (see
-    Prefill.clone). `extra` rows ride after the prompt (see ExtraRows)."""
+    Prefill.clone). `extra` rows ride after the prompt (see ExtraRows). `padded`: whether the mask has a pad,
+    if the caller knows (None: looked up, the one host sync here; True is always safe: masks are applied),
+    e.g. a training step captured in a CUDA graph, where no sync may happen."""
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if padded is None:
+        padded = attention_mask is not None and not bool(valid.all())
     cache = EvictableCache(model.config) if cache is None else cache
     wanted = [record_rows] if isinstance(record_rows, int) else list(record_rows)
     recs = {r: Recording(rows=r) for r in dict.fromkeys(wanted) if r != 0}
-    key_valid = [valid] * n_layers(model) if not valid.all() else None
+    key_valid = [valid] * n_layers(model) if padded else None
     if extra is None:
         with forward_state(list(recs.values()), key_valid):
-            logits = forward(model, cache, positions_from_mask(valid), input_ids=input_ids, valid=valid)
-        return Prefill(cache, input_ids, valid, logits[:, -1].float(), recs)
+            logits = forward(model, cache, positions_from_mask(valid), input_ids=input_ids, valid=valid,
+                             padded=padded)
+        return Prefill(cache, input_ids, valid, logits[:, -1].float(), recs, has_pads=padded)
     if recs:
         raise ValueError("a prefill with extra rows records only those rows; record prompt rows separately")
     length, n = input_ids.shape[1], extra.embeds.shape[1]
@@ -143,9 +153,9 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     rec = Recording(rows=n, columns=length)
     with forward_state(rec, key_valid), extra.active(length):
         logits = forward(model, cache, positions, inputs_embeds=embeds, logits_to_keep=n + 1,
-                         valid=F.pad(valid, (0, n), value=True))
+                         valid=F.pad(valid, (0, n), value=True), padded=padded)
     crop(cache, length)
-    return Prefill(cache, input_ids, valid, logits[:, 0].float(), recs, rec)
+    return Prefill(cache, input_ids, valid, logits[:, 0].float(), recs, rec, padded)
 
 
 @torch.no_grad()

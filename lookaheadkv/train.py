@@ -216,16 +216,16 @@ class Batch:
 
 
 def batch_loss(model, mod: la.LookaheadModule, targets: Sequence[Target] | Batch, grad: bool,
-               budgets: Sequence[int] = (),
-               topk: tuple[float, int] = (0.0, 64)) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+               budgets: Sequence[int] = (), topk: tuple[float, int] = (0.0, 64),
+               padded: bool | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Prefill the (left-padded) prompts without gradients, then the n-row lookahead pass with them. Returns the
     loss (the KL, plus topk's weight times topk_loss at its k) and, per budget asked for, each sequence's
-    importance recall (selecting as the method does)."""
+    importance recall (selecting as the method does). padded: as prefill's (True: no host sync)."""
     device = next(model.parameters()).device
     batch = targets if isinstance(targets, Batch) else Batch.of(targets, pin=device.type == "cuda")
     ids, mask, truth = (x.to(device, non_blocking=True) for x in (batch.ids, batch.mask, batch.truth))
     with torch.no_grad():
-        pf = prefill(model, ids, mask)
+        pf = prefill(model, ids, mask, padded=padded)
     rec = la.lookahead_pass(model, mod, pf, grad=grad)
     truth = truth.float()
     pred = rec.mean()
@@ -281,6 +281,8 @@ class TrainConfig:
     # logs the KL alone, comparable between runs of any weight
     topk_weight: float = 0.0
     topk: int = 64
+    # the forward and backward of each step as CUDA graphs (graphed_step.py): one GPU, one process
+    cuda_graphs: bool = False
     # start from this module's weights (a directory, or "shipped": the model's own) instead of a fresh one, e.g.
     # to train a shipped module further on new prompts; a new optimizer and schedule, its cost added to this one's
     init: str | None = None
@@ -294,6 +296,8 @@ class TrainConfig:
         if self.rank < 0 or self.alpha <= 0 or (self.lr is not None and not self.lr > 0) or not 0 <= self.val_share < 1:
             raise LookaheadKVError("need --rank >= 0, --alpha > 0, --lr > 0 and 0 <= --val-share < 1")
         world = distributed.world()
+        if self.cuda_graphs and world > 1:
+            raise LookaheadKVError("--cuda-graphs trains in one process; run it without torchrun")
         if self.batch_size % world:
             raise LookaheadKVError(f"--batch-size {self.batch_size} is the global batch, split evenly over the {world} "
                                    f"processes; give a multiple of {world}")
@@ -337,7 +341,7 @@ def _prefetch(store: TargetStore, keys: list[str], batches: Iterator[list[int]],
 def _signature(cfg: TrainConfig, keys: list[str]) -> dict:
     fixed = {k: v for k, v in asdict(cfg).items() if k not in ("collect_batch_tokens", "collect_time_limit",
                                                                  "time_limit", "fit_time_limit", "checkpoint_every",
-                                                                 "evals")}
+                                                                 "evals", "cuda_graphs")}
     digest = hashlib.sha256("".join(keys).encode()).hexdigest()
     return {**fixed, "families": list(cfg.families), "prompts_sha256": digest}
 
@@ -352,6 +356,8 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     found in the store by content, or collected again)."""
     cfg = cfg or TrainConfig()
     cfg.check()
+    if cfg.cuda_graphs and next(model.parameters()).device.type != "cuda":
+        raise LookaheadKVError(f"--cuda-graphs needs a CUDA device; the model is on {next(model.parameters()).device}")
     init, init_meta = _init_module(model, cfg)
     if cfg.lr is None:
         cfg = replace(cfg, lr=warm_start_lr(init_meta) if init else LR)
@@ -461,6 +467,12 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
     stopped, steps_here, prompts_here, t_fit = False, 0, 0, t1
     flat = [g for batches in per_epoch for g in batches]
     step_loss = _step_loss(model, mod, device, (cfg.topk_weight, cfg.topk))
+    graphed = None
+    if cfg.cuda_graphs:
+        from .graphed_step import GraphedStep
+
+        graphed = GraphedStep(lambda b: batch_loss(model, mod, b, grad=True, topk=(cfg.topk_weight, cfg.topk),
+                                                   padded=True)[0], params, device)
     # each rank's part of every global batch (global batches do not depend on the number of processes)
     local = [_rank_part(g) for g in flat]
     for targets in _prefetch(store, keys, iter([[train_idx[j] for j in g] for g, _ in local[step:]]),
@@ -483,11 +495,15 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         if steps_here == FIT_STEPS // 4:
             t_fit = time.perf_counter()  # the fit times steps after the first few (warm-up, allocator)
         share = local[step][1]
-        loss = step_loss(targets)
-        opt.zero_grad(set_to_none=True)
-        # DDP averages the ranks' gradients: weighted by share x world, the average is the global batch's gradient
-        (loss if distributed.world() == 1 else loss * (share * distributed.world())).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if graphed is not None:  # zero, loss, backward, clip, in a CUDA graph
+            loss = graphed(targets)
+        else:
+            loss = step_loss(targets)
+            opt.zero_grad(set_to_none=True)
+            # DDP averages the ranks' gradients: weighted by share x world, the average is the global batch's
+            # gradient
+            (loss if distributed.world() == 1 else loss * (share * distributed.world())).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         step += 1
@@ -561,6 +577,8 @@ def train(model, tokenizer, out: str | Path, cfg: TrainConfig | None = None, *, 
         info["cost"]["total_s"] = round(info["cost"]["total_s"] + prior.get("total_s", 0.0), 3)
     if device.type == "cuda":
         info["throughput"]["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if graphed is not None:
+        info["throughput"]["cuda_graphs"] = graphed.report()
     if distributed.is_main():
         if not stopped:
             la.save(model, mod, out, training=info)
@@ -693,10 +711,12 @@ def _checkpoint(model, mod, ckpt: Path, opt, sched, step: int, log: dict, signat
 @click.option("--topk", default=64, show_default=True, help="k of --topk-weight (a budget)")
 @click.option("--init", help="start from this module's weights (DIR, or `shipped`: the model's shipped module), "
                              "e.g. to train it further on new prompts")
+@click.option("--cuda-graphs", is_flag=True, help="each step's forward and backward as a CUDA graph (one GPU)")
 @click.option("--device", default="cpu", show_default=True)
 def train_command(model_name, out, prompts_file, samples, min_tokens, max_tokens, families, response_tokens, epochs,
                   batch_size, lr, n_tokens, rank, alpha, seed, targets_dir, collect_batch_tokens, checkpoint_every,
-                  evals, resume, collect_time_limit, time_limit, fit_time_limit, topk_weight, topk, init, device):
+                  evals, resume, collect_time_limit, time_limit, fit_time_limit, topk_weight, topk, init, cuda_graphs,
+                  device):
     """Train a lookahead module (embeddings + LoRA) for a model and write it to OUT."""
     from .models import load_model
 
@@ -704,9 +724,11 @@ def train_command(model_name, out, prompts_file, samples, min_tokens, max_tokens
                       epochs, batch_size, lr, n_tokens, rank, alpha, seed, checkpoint_every=checkpoint_every,
                       evals=evals, collect_batch_tokens=collect_batch_tokens, collect_time_limit=collect_time_limit,
                       time_limit=time_limit, fit_time_limit=fit_time_limit, topk_weight=topk_weight, topk=topk,
-                      init=init)
+                      init=init, cuda_graphs=cuda_graphs)
     cfg.check()
     device = distributed.device_for(device)
+    if cuda_graphs and not device.startswith("cuda"):
+        raise LookaheadKVError(f"--cuda-graphs needs a CUDA device, not --device {device}")
     ids = fams = options = None
     if prompts_file:
         ids, fams, options = load_prompts(prompts_file)

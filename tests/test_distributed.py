@@ -181,6 +181,7 @@ TORCHRUN_ENV = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_
     (["train", "--batch-size", "3"], "--batch-size 3 is the global batch, split evenly over the 2 processes; give a "
                                      "multiple of 2"),
     (["train", "--device", "cuda:1"], "--device cuda:1: under torchrun each process takes cuda:LOCAL_RANK"),
+    (["train", "--cuda-graphs"], "--cuda-graphs trains in one process; run it without torchrun"),
     (["eval", "--device-map", "auto"], "--device-map spreads one model over every visible GPU"),
     (["eval", "--only-samples", "--samples", "s.jsonl"], "--only-samples writes one file: run it without torchrun"),
     (["generate", "--context-file", "x", "--question", "q"], "`lookaheadkv generate` runs in one process"),

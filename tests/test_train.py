@@ -494,3 +494,47 @@ def test_collection_batches_run_in_an_order_whose_every_prefix_spreads_over_the_
                     gaps = [b - a for a, b in zip(first, first[1:])] + [first[0] + n - first[-1]]
                     assert max(gaps) <= n / k + 1, (n, seed, k, first)
     assert tr.spread_order(29, 0) == tr.spread_order(29, 0) != tr.spread_order(29, 1)
+
+
+def test_a_batch_padded_further_to_its_graphs_bucket_gives_the_same_loss_and_gradients():
+    """--cuda-graphs runs each batch left-padded to a bucket of positions, told it is padded (no host sync):
+    loss and gradients equal the batch's own (float64, 1e-12), also for a batch with no pad of its own."""
+    from lookaheadkv.graphed_step import GraphedStep
+
+    model = tiny_model()
+    model.requires_grad_(False)
+    mod = la.create(model, n=4, rank=4, alpha=8)
+    params = mod.parameters(model)
+    with torch.no_grad():  # a LoRA that acts (B != 0)
+        for p in params[1:]:
+            p.normal_(0, 0.2)
+    for p in params:
+        p.requires_grad_(True)
+    same = [torch.randint(3, 128, (30,), generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    for seqs in (prompts(3, seed=5), same):
+        b = tr.Batch.of([t for t in collect_batch(model, seqs, 5, set()) if t is not None])
+        static = tr.Batch(torch.full((len(b), 64), 7), torch.ones(len(b), 64, dtype=b.mask.dtype),
+                          torch.ones(len(b), *b.truth.shape[1:3], 64, dtype=b.truth.dtype))  # stale contents
+        GraphedStep._fill(static, b)
+        pad = 64 - b.ids.shape[1]
+        assert not static.mask[:, :pad].any() and not static.truth[..., :pad].any() and not static.ids[:, :pad].any()
+        grads = []
+        for batch, padded in ((b, None), (static, True)):
+            for p in params:
+                p.grad = None
+            loss = tr.batch_loss(model, mod, batch, grad=True, padded=padded)[0]
+            loss.backward()
+            grads.append((loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in params]))
+        (a, ga), (c, gc) = grads
+        assert float(a) == pytest.approx(float(c), rel=1e-12, abs=1e-12)
+        for x, y in zip(ga, gc):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_cuda_graphs_are_refused_off_a_gpu_in_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["train", "--model", "tiny", "--cuda-graphs", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and res.output == "error: --cuda-graphs needs a CUDA device, not --device cpu\n"
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(LookaheadKVError, match="--cuda-graphs needs a CUDA device; the model is on cpu"):
+        tr.train(tiny_model(), TOK, tmp_path / "o2", config(cuda_graphs=True), prompt_ids=prompts(4), progress=False)
+    assert not (tmp_path / "o2").exists()

@@ -6,7 +6,8 @@
    put the adapter at ~12 ms at 8K, where its kernels take ~2 ms of device time: is its host work exposed, and
    by what (a synchronising call, the allocator after `empty_cache`, or the host simply behind)?
 2. Issue 11, training steps at batch 16 on the SmolLM2 shape (random weights, random truth, prompts of 1-3K
-   tokens), as `bench-train` steps them (36% device-busy on the H200 on 2026-12-03).
+   tokens), as the trainer steps them (36% device-busy on the H200 on 2026-12-03), then the same steps from the
+   same start with --cuda-graphs (lookaheadkv/graphed_step.py): speed, and the losses side by side.
 
 For each: wall time (synchronised) and host time (until the call returns, unsynchronised: near the wall time,
 the host is the bound); the device's busy share and the CUDA runtime calls by torch.profiler; the synchronising
@@ -30,10 +31,10 @@ import torch
 
 from lookaheadkv import lookahead as la
 from lookaheadkv.bench import shapes
-from lookaheadkv.bench.trainer import _training_step
+from lookaheadkv.graphed_step import GraphedStep
 from lookaheadkv.methods import get_method
 from lookaheadkv.prefill import ExtraRows, prefill
-from lookaheadkv.train import Batch, left_pad
+from lookaheadkv.train import Batch, batch_loss, left_pad
 
 RUNTIME = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMalloc", "cudaFree",
            "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
@@ -158,19 +159,53 @@ def train_part(device: torch.device, steps: int, batch: int, tables: list[str]) 
         truth = (torch.rand(batch, layers, hq, ids.shape[1], generator=gen) * mask[:, None, None]).half()
         batches.append(Batch(ids.pin_memory() if cuda else ids, mask.pin_memory() if cuda else mask,
                              truth.pin_memory() if cuda else truth))
-    step = _training_step(model, mod)
-    for k in range(3):
-        step(batches[k % 4])
+    params = mod.parameters(model)
+    start = [p.detach().clone() for p in params]
 
-    def steps_fn(n: int = steps):
-        for k in range(n):
-            step(batches[k % 4])
+    def fresh():  # the module as it started, a new optimizer (fused AdamW, as the trainer's)
+        with torch.no_grad():
+            for p, x in zip(params, start):
+                p.copy_(x)
+                p.grad = None
+        return torch.optim.AdamW(params, lr=1e-3, **({"fused": True} if cuda else {}))
 
-    host, wall = timed(steps_fn, device)
+    opt = fresh()
+
+    def eager(b) -> torch.Tensor:  # the trainer's step without --cuda-graphs
+        loss = batch_loss(model, mod, b, grad=True)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss.detach()
+
+    def run(step, n: int, first: int = 0) -> list[torch.Tensor]:
+        return [step(batches[(first + k) % 4]) for k in range(n)]
+
+    eager_losses = run(eager, 8)  # also the warm-up
+    host, wall = timed(lambda: run(eager, steps), device)
     row = {"part": "train", "batch": batch, "steps": steps, "host_ms_per_step": host / steps * 1e3,
            "wall_ms_per_step": wall / steps * 1e3, "steps_per_s": steps / wall,
-           "syncs_one_step": sync_sites(lambda: steps_fn(1), device)}
-    row.update(profiled(lambda: steps_fn(3), device, f"3 training steps at batch {batch}", tables))
+           "syncs_one_step": sync_sites(lambda: run(eager, 1), device)}
+    row.update(profiled(lambda: run(eager, 3), device, f"3 training steps at batch {batch}", tables))
+    if cuda:  # the same 8 steps from the same start with --cuda-graphs: a graph per batch shape, then replays
+        opt = fresh()
+        graphed = GraphedStep(lambda b: batch_loss(model, mod, b, grad=True, padded=True)[0], params, device)
+
+        def graph_step(b) -> torch.Tensor:
+            loss = graphed(b)
+            opt.step()
+            return loss
+
+        graph_losses = run(graph_step, 8)
+        host, wall = timed(lambda: run(graph_step, steps), device)
+        row["graphs"] = {**graphed.report(), "host_ms_per_step": host / steps * 1e3,
+                         "wall_ms_per_step": wall / steps * 1e3, "steps_per_s": steps / wall,
+                         "eager_losses": [float(x) for x in eager_losses],
+                         "graph_losses": [float(x) for x in graph_losses]}
+        if not graphed.off:
+            row["graphs"].update(profiled(lambda: run(graph_step, 3), device,
+                                          f"3 graphed training steps at batch {batch}", tables))
     print(json.dumps(row, indent=1), flush=True)
     return [row]
 
@@ -200,6 +235,16 @@ def markdown(rows: list[dict], device: str) -> str:
                       f"the host returning after {r['host_ms_per_step']:.1f} ms a step; under the profiler (3 steps) "
                       f"the device was busy {r['busy']:.0%}, {r['aten_ops'] / 3:.0f} aten ops and "
                       f"{sum(v for k, v in c.items() if 'Launch' in k) / 3:.0f} launches a step."]
+            g = r.get("graphs")
+            if g:
+                diff = max(abs(a - b) for a, b in zip(g["eager_losses"], g["graph_losses"]))
+                lines += ["", f"With --cuda-graphs: {g['wall_ms_per_step']:.1f} ms a step "
+                          f"({g['steps_per_s']:.2f} steps/s, {g['steps_per_s'] / r['steps_per_s']:.2f}x), "
+                          f"host {g['host_ms_per_step']:.1f} ms; "
+                          f"{g['captured']} graphs captured, {g['replayed']} replays"
+                          + (f", gave up: {g['gave_up']}" if "gave_up" in g else "")
+                          + f". The first 8 steps' losses from the same start differ by at most {diff:.2e} "
+                          f"(eager {g['eager_losses'][-1]:.5f}, graphed {g['graph_losses'][-1]:.5f} at step 8)."]
     lines += ["", "## Synchronising calls (one call each; frames of lookaheadkv / transformers / peft)", ""]
     for r in rows:
         s = r.get("syncs") or r.get("syncs_one_step") or {}
