@@ -63,9 +63,9 @@ def collect_targets(model, tokenizer, prompt_ids: Sequence[torch.Tensor], store:
                     response_tokens: int = 256, max_batch_tokens: int | None = None, progress: bool = True,
                     time_limit_s: float | None = None, seed: int = 0) -> dict:
     """Put every prompt's target into `store` (those already there are skipped). Batches hold prompts of
-    similar length and run in an order spread over the lengths (spread_order), so a time limit leaves
-    prompts of every length band without targets, not a few bands (a shuffle had kept 4 of the 1.5B's 29
-    batches, all over 1.3K tokens, on 2026-12-07). Returns throughput figures.
+    similar length and run in an order spread over the lengths (spread_order), so a time limit stops with
+    targets at every length, not in a few length bands (a shuffle had kept 4 of the 1.5B's 29 batches, all
+    over 1.3K tokens, on 2026-12-07). Returns throughput figures.
 
     Under torchrun every rank plans the same batches and runs every world()-th of them, writing its own shards
     (named by content, so no two ranks write one file); at the end each rank indexes the others' shards too,
