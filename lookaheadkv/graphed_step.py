@@ -24,8 +24,6 @@ from collections.abc import Callable
 import click
 import torch
 
-from .errors import LookaheadKVError
-
 BUCKET = 256  # prompt positions a captured length is rounded up to
 
 
@@ -35,9 +33,7 @@ class GraphedStep:
     own tensor: a graph's output is overwritten by its next replay)."""
 
     def __init__(self, loss_of: Callable, params: list[torch.nn.Parameter], device: torch.device,
-                 bucket: int = BUCKET):
-        if device.type != "cuda":
-            raise LookaheadKVError(f"--cuda-graphs needs a CUDA device, not {device}")
+                 bucket: int = BUCKET):  # device: a CUDA one (train() and the CLI refuse others)
         self.loss_of, self.params, self.device, self.bucket = loss_of, params, device, bucket
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
         self.pool = None

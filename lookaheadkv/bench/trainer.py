@@ -140,17 +140,19 @@ def _length_groups(targets: list, batch: int) -> list[list]:
 
 
 def _training_step(model, mod: la.LookaheadModule):
-    """One step as the trainer takes it, on a list of targets: batch_loss, backward, clip, AdamW (fused on CUDA)."""
+    """One step as the trainer takes it, on a list of targets: batch_loss, backward, clip, AdamW (fused on CUDA);
+    returns the loss."""
     params = mod.parameters(model)
     fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=1e-3, **fused)
 
-    def step(targets: list) -> None:
+    def step(targets: list) -> torch.Tensor:
         loss, _ = batch_loss(model, mod, targets, grad=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        return loss.detach()
     return step
 
 

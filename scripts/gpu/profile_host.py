@@ -31,6 +31,8 @@ import torch
 
 from lookaheadkv import lookahead as la
 from lookaheadkv.bench import shapes
+from lookaheadkv.bench.timing import sync
+from lookaheadkv.bench.trainer import _training_step
 from lookaheadkv.graphed_step import GraphedStep
 from lookaheadkv.methods import get_method
 from lookaheadkv.prefill import ExtraRows, prefill
@@ -40,11 +42,6 @@ RUNTIME = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunc
            "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
            "cudaHostAlloc", "cudaFreeHost", "cudaStreamWaitEvent")
 OURS = ("lookaheadkv", "transformers", "peft")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device, empty_cache: bool = False) -> tuple[float, float]:
@@ -162,25 +159,16 @@ def train_part(device: torch.device, steps: int, batch: int, tables: list[str]) 
     params = mod.parameters(model)
     start = [p.detach().clone() for p in params]
 
-    def fresh():  # the module as it started, a new optimizer (fused AdamW, as the trainer's)
+    def restart() -> None:  # the module as it started
         with torch.no_grad():
             for p, x in zip(params, start):
                 p.copy_(x)
                 p.grad = None
-        return torch.optim.AdamW(params, lr=1e-3, **({"fused": True} if cuda else {}))
 
-    opt = fresh()
+    eager = _training_step(model, mod)  # the trainer's step without --cuda-graphs, its own fused AdamW
 
-    def eager(b) -> torch.Tensor:  # the trainer's step without --cuda-graphs
-        loss = batch_loss(model, mod, b, grad=True)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return loss.detach()
-
-    def run(step, n: int, first: int = 0) -> list[torch.Tensor]:
-        return [step(batches[(first + k) % 4]) for k in range(n)]
+    def run(step, n: int) -> list[torch.Tensor]:
+        return [step(batches[k % 4]) for k in range(n)]
 
     eager_losses = run(eager, 8)  # also the warm-up
     host, wall = timed(lambda: run(eager, steps), device)
@@ -189,7 +177,8 @@ def train_part(device: torch.device, steps: int, batch: int, tables: list[str]) 
            "syncs_one_step": sync_sites(lambda: run(eager, 1), device)}
     row.update(profiled(lambda: run(eager, 3), device, f"3 training steps at batch {batch}", tables))
     if cuda:  # the same 8 steps from the same start with --cuda-graphs: a graph per batch shape, then replays
-        opt = fresh()
+        restart()
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as _training_step's
         graphed = GraphedStep(lambda b: batch_loss(model, mod, b, grad=True, padded=True)[0], params, device)
 
         def graph_step(b) -> torch.Tensor:
